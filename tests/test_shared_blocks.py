@@ -1,0 +1,40 @@
+"""Duplication is a feature, drift is a bug: every `# >>> shared: NAME` block is identical in every
+script that has it (STYLE.md). A change to a shared block lands in every copy in the same commit."""
+import os
+import re
+
+from conftest import ROOT
+
+SCRIPTS = ["ddpm.py", "ddim.py", "dcgan.py", "vae.py", "vaegan.py"]
+BLOCK = re.compile(r"^# >>> shared: (\S+)\n(.*?)^# <<< shared: \1$", re.S | re.M)
+
+
+def blocks():
+    found = {}
+    for script in SCRIPTS:
+        path = os.path.join(ROOT, script)
+        if os.path.exists(path):
+            src = open(path, encoding="utf-8").read()
+            opened, closed = (len(re.findall(rf"^# {m} shared: ", src, re.M)) for m in (">>>", "<<<"))
+            assert opened == closed == len(BLOCK.findall(src)), f"unbalanced shared markers in {script}"
+            for name, body in BLOCK.findall(src):
+                found.setdefault(name, {})[script] = body
+    return found
+
+
+def test_every_shared_block_is_identical_in_every_copy():
+    for name, copies in blocks().items():
+        first_script, first = next(iter(copies.items()))
+        for script, body in copies.items():
+            assert body == first, f"shared block '{name}' differs between {first_script} and {script}"
+
+
+def test_ddpm_defines_the_blocks_others_copy():
+    assert {"argparse", "data", "unet", "diffusion", "plumbing", "train", "sample_mode"} <= set(
+        name for name, copies in blocks().items() if "ddpm.py" in copies)
+
+
+def test_ddim_shares_network_schedule_data_and_training_with_ddpm():
+    if os.path.exists(os.path.join(ROOT, "ddim.py")):
+        for name in ("unet", "diffusion", "data", "train"):
+            assert {"ddpm.py", "ddim.py"} <= set(blocks()[name]), name
