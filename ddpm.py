@@ -216,7 +216,9 @@ def zero(layer: nn.Module) -> nn.Module:
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, ch), ch)  # the paper's 32 groups (fewer if ch is not a multiple of 32)
+    # The paper's 32 groups; narrow layers keep ≥ 4 channels a group. One channel a group would be
+    # instance norm, which erases each map's mean: small nets then miss the image's brightness.
+    return nn.GroupNorm(math.gcd(ch, min(32, ch // 4)), ch)
 
 
 class ResBlock(nn.Module):

@@ -325,3 +325,17 @@ def test_ema_follows_its_warm_up_formula(tmp_path, tiny_npy):
         assert torch.allclose(two["ema"][name], 2 / 11 * one["ema"][name] + 9 / 11 * theta, atol=1e-6), name
         moved += not torch.equal(theta, one["model"][name])
     assert moved > 10  # the second step moved many tensors, so the checks above have teeth
+
+
+def test_fid_flag_scores_samples_against_the_training_set(tmp_path, tiny_npy):
+    """--fid N generates N images and scores them with fid.py (random Inception: offline, meaningless
+    numbers, but the whole path runs), printing the value and appending it to fid.csv."""
+    out = str(tmp_path / "run")
+    assert run_script("ddpm.py", "--dataset", tiny_npy, "--out", out, "--steps", "1", *TINY).returncode == 0
+    r = run_script("ddpm.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--num-samples", "2",
+                   "--fid", "4", "--fid-weights", "random", "--device", "cpu", "--data-root", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "FID" in r.stdout and "timesteps=10" in r.stdout
+    rows = list(csv.DictReader(open(os.path.join(out, "fid.csv"))))
+    assert len(rows) == 1 and rows[0]["n"] == "4" and math.isfinite(float(rows[0]["fid"]))
+    assert len(os.listdir(os.path.join(out, "generated"))) == 4  # max(--num-samples, --fid) images
