@@ -285,3 +285,16 @@ def test_bad_files_and_sizes_give_one_clear_line(tmp_path, tiny_npy):
     assert_one_line_error(run_script("dcgan.py", "--sample", "--ckpt", str(broken)), "cannot read checkpoint")
     assert_one_line_error(run_script("dcgan.py", "--dataset", tiny_npy, "--image-size", "6", "--out",
                                      str(tmp_path / "r"), *TINY), "image size 6", "--image-size")
+
+
+def test_fid_flag_scores_samples_of_best_pt(tmp_path, tiny_npy):
+    """--fid N in --sample mode: N images scored by fid.py (random Inception: offline, numbers meaningless)."""
+    out = str(tmp_path / "run")
+    assert run_script("dcgan.py", "--dataset", tiny_npy, "--out", out, "--steps", "2", "--check-every", "1",
+                      *TINY).returncode == 0
+    r = run_script("dcgan.py", "--sample", "--ckpt", os.path.join(out, "best.pt"), "--num-samples", "2",
+                   "--fid", "4", "--fid-weights", "random", "--device", "cpu", "--data-root", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "FID" in r.stdout
+    rows = open(os.path.join(out, "fid.csv")).read().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[1] == "4"
