@@ -1,0 +1,149 @@
+"""Benchmark, not a test: DDPM against DDIM on one checkpoint, for speed and sample quality.
+
+The seed project's question (DDPM or DDIM: how much faster, and what does it cost?), answered on
+the same network. The checkpoint's EMA network is loaded once; then DDPM (ddpm.sample, all T steps)
+and DDIM (ddim.sample, S ∈ {10, 20, 50, 100} steps, η ∈ {0, 1}) each generate --num-samples images
+from the same seed, in batches of --batch-size. Each setting is timed (wall clock, after one
+warm-up batch), its images go to OUT/<setting>/ as PNGs and its first 8 to a row of
+OUT/comparison.png (with the same seed, every row starts from the same x_T), and it is scored:
+  - MNIST checkpoints: benchmarks/mnist_fid.py (the Fréchet distance in a small digit classifier's
+    features: CPU-friendly; only comparable with itself, at equal n);
+  - other datasets: fid.py's Inception FID against the training set, if --fid-weights is given
+    (a weights file, "torchvision" for torchvision's download, "random" for tests only).
+Prints a Markdown table and the machine it ran on, ready for README.md.
+
+    python benchmarks/ddim_vs_ddpm.py --ckpt runs/ddpm-mnist/ckpt.pt --num-samples 2000 --batch-size 500
+    python benchmarks/ddim_vs_ddpm.py --ckpt runs/ddpm-cifar10/ckpt.pt --num-samples 10000 \
+        --fid-weights pt_inception-2015-12-05-6726825d.pth --skip quadratic     # the paper's CIFAR-10 τ
+"""
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts live in the repository root; benchmarks may import them
+import ddim  # noqa: E402
+import ddpm  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"ddim_vs_ddpm: {message} (see --help)")  # one line
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by ddpm.py or ddim.py")
+    parser.add_argument("--num-samples", type=int, default=1000, help="images per setting (compare quality at equal n)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per sampling batch (the same for all)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="where to sample")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 on CUDA, else fp32 (as in the scripts)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed for every setting")
+    parser.add_argument("--ddim-steps", default="10,20,50,100", help="DDIM's S values, comma-separated")
+    parser.add_argument("--etas", default="0,1", help="DDIM's η values, comma-separated")
+    parser.add_argument("--skip", default="uniform", choices=["uniform", "quadratic"], help="DDIM's τ (see ddim.py)")
+    parser.add_argument("--out", default="", help="where the PNGs go (default: <checkpoint folder>/ddim_vs_ddpm)")
+    parser.add_argument("--data-root", default="data", help="where torchvision datasets are (for the quality measure)")
+    parser.add_argument("--fid-weights", default="", help="non-MNIST quality: Inception weights for fid.py "
+                        "(a file, 'torchvision', or 'random' for tests); empty: no quality column")
+    args = parser.parse_args(argv)
+    try:
+        args.ddim_steps = [int(s) for s in args.ddim_steps.split(",")]
+        args.etas = [float(e) for e in args.etas.split(",")]
+    except ValueError:
+        sys.exit("ddim_vs_ddpm: --ddim-steps and --etas are comma-separated numbers, e.g. 10,20,50 and 0,1")
+    if min(args.ddim_steps) < 1 or not all(0 <= e <= 1 for e in args.etas) or min(args.num_samples,
+                                                                                   args.batch_size) < 1:
+        sys.exit("ddim_vs_ddpm: need --ddim-steps >= 1, 0 <= --etas <= 1, --num-samples and --batch-size >= 1")
+    if not os.path.isfile(args.ckpt):
+        sys.exit(f"ddim_vs_ddpm: checkpoint {args.ckpt} does not exist")
+    return args
+
+
+def quality_measure(dataset: str, args):
+    """(name of the measure, function images -> float), or (why there is none, None)."""
+    if dataset == "mnist":
+        try:
+            import mnist_fid  # benchmarks/mnist_fid.py, beside this file
+        except ImportError:
+            return "n/a (benchmarks/mnist_fid.py is missing)", None
+        return "MNIST-FID (LeNet features vs the MNIST test set; lower is better)", \
+            lambda images: mnist_fid.score(images, args.data_root)
+    if args.fid_weights:
+        import fid
+        reference = f"{dataset}-train" if dataset in ddpm.TORCHVISION_FILES else dataset
+        weights = None if args.fid_weights == "torchvision" else args.fid_weights
+        device = str(ddpm.pick_device(args.device))
+        return f"FID vs {reference} (Inception weights: {args.fid_weights}; lower is better)", \
+            lambda images: fid.score(images, reference, device=device, batch_size=50, weights=weights,
+                                     data_root=args.data_root)
+    return "n/a (pass --fid-weights to measure FID)", None
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def main(args):
+    device = ddpm.pick_device(args.device)
+    # the network, loaded once (EMA weights); the checkpoint fixes dataset, schedule, T and architecture
+    model, ddpm_cfg, shape, step = ddpm.load_for_sampling(ddpm.Config(
+        ckpt=args.ckpt, batch_size=args.batch_size, precision=args.precision, device=args.device))
+    model = model.to(device)
+    ddim_cfg = ddim.Config(**{k: getattr(ddpm_cfg, k) for k in ddim.ARCH_FIELDS}, batch_size=args.batch_size,
+                           precision=args.precision, device=args.device, skip=args.skip)
+    T = ddpm_cfg.timesteps
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "ddim_vs_ddpm")
+    settings = [("DDPM (σ² = β, clipped x̂₀)", f"ddpm-T{T}", T,
+                 lambda n, g: ddpm.generate(model, ddpm_cfg, n, shape, device, g))]
+    for S in args.ddim_steps:
+        if S > T:
+            print(f"skipping DDIM S = {S}: more than the checkpoint's T = {T}")
+            continue
+        for eta in args.etas:
+            cfg = dataclasses.replace(ddim_cfg, sample_steps=S, eta=eta)
+            settings.append((f"DDIM η = {eta:g}, {args.skip} τ", f"ddim-S{S}-eta{eta:g}", S,
+                             lambda n, g, cfg=cfg: ddim.generate(model, cfg, n, shape, device, g)))
+    measure_name, measure = quality_measure(ddpm_cfg.dataset, args)
+    print(f"{args.ckpt} (step {step}, {ddpm_cfg.dataset}, {ddpm_cfg.schedule} schedule, T = {T}) | "
+          f"{args.num_samples} images per setting, batch {args.batch_size}, seed {args.seed} | {device} | "
+          f"{'bf16' if ddpm.use_bf16(ddpm_cfg, device) else 'fp32'}", flush=True)
+
+    # warm-up: the first network calls pay for allocation and kernel selection; keep that off the clock
+    ddim.generate(model, dataclasses.replace(ddim_cfg, sample_steps=1), min(args.batch_size, args.num_samples),
+                  shape, device, torch.Generator(device).manual_seed(args.seed)).cpu()
+    rows, firsts = [], []
+    for label, folder, steps, generate in settings:
+        start = time.perf_counter()
+        images = generate(args.num_samples, torch.Generator(device).manual_seed(args.seed)).float().cpu()
+        seconds = time.perf_counter() - start  # .cpu() waits for the device: the clock is honest
+        ddpm.save_pngs(images, os.path.join(out, folder))
+        firsts.append(images[:8])
+        quality = f"{measure(images):.2f}" if measure else "n/a"
+        rows.append((label, steps, seconds, quality))
+        print(f"  {folder}: {seconds:.1f} s, quality {quality}", flush=True)
+    ddpm.save_grid(torch.cat(firsts), os.path.join(out, "comparison.png"), nrow=8)
+
+    print(f"\ncommand: python benchmarks/ddim_vs_ddpm.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {machine(device)}; torch {torch.__version__}")
+    print(f"quality: {measure_name}\nimages: {out}/<setting>/, first 8 of each setting (one row each) "
+          f"in {out}/comparison.png\n")
+    print("| sampler | network calls per image | seconds | images/s | time ÷ DDPM | quality |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ddpm_seconds = rows[0][2]
+    for label, steps, seconds, quality in rows:
+        print(f"| {label} | {steps} | {seconds:.1f} | {args.num_samples / seconds:.2f} | "
+              f"{seconds / ddpm_seconds:.3f} | {quality} |")
+
+
+if __name__ == "__main__":
+    main(parse_args())
