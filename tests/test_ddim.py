@@ -122,6 +122,12 @@ def test_S_equals_T_and_eta_1_is_the_ddpm_posterior_step():
     expected = ddpm.sample(eps_model, x_T.shape, betas, torch.Generator().manual_seed(5), x_T=x_T,
                            var="beta_tilde", clip_x0=False)
     assert torch.allclose(got, expected, atol=1e-5)
+    # clipped too: DDIM takes ε from the clipped x̂_0, so its step is the posterior mean at the clipped x̂_0
+    clipped = ddim.sample(eps_model, x_T.shape, betas, T, 1.0, "uniform", torch.Generator().manual_seed(5), x_T=x_T,
+                          clip_x0=True)
+    expected = ddpm.sample(eps_model, x_T.shape, betas, torch.Generator().manual_seed(5), x_T=x_T,
+                           var="beta_tilde", clip_x0=True)
+    assert torch.allclose(clipped, expected, atol=1e-5) and not torch.allclose(clipped, got, atol=1e-2)
 
 
 def tiny_unet(seed=0):
@@ -295,7 +301,7 @@ def test_benchmark_runs_and_prints_the_table(ddpm_ckpt, tmp_path):
     assert len(rows) == 5 and rows[0].startswith("| DDPM") and "skipping DDIM S = 20" in r.stdout, r.stdout
     cells = [row.strip("|").split("|") for row in rows]
     assert [int(c[1]) for c in cells] == [10, 2, 2, 5, 5]  # network calls per image
-    assert float(cells[0][4]) == 1.0 and all(c[5].strip() == "n/a" for c in cells)
+    assert float(cells[0][4]) == 1.0 and all(c[6].strip() == "n/a" for c in cells)
     assert "machine: CPU" in r.stdout and "command: python benchmarks/ddim_vs_ddpm.py" in r.stdout
     for folder in ("ddpm-T10", "ddim-S2-eta0", "ddim-S2-eta1", "ddim-S5-eta0", "ddim-S5-eta1"):
         assert len(os.listdir(os.path.join(out, folder))) == 4, folder
