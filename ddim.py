@@ -19,7 +19,8 @@ Commands
         --num-samples 50000 --fid 50000   # paper, Table 1 (CIFAR-10, η = 0): FID 4.16 (S = 100), 4.67 (S = 50)
   python ddim.py --invert --ckpt RUN/ckpt.pt        # invert.png: images, their latents x_T, reconstructions
   python ddim.py --interpolate --ckpt RUN/ckpt.pt   # interpolate.png: slerp between two x_T, decoded with η = 0
-  python ddim.py --dataset mnist ...                # trains exactly as ddpm.py does (same flags, same recipe)
+  python ddim.py --dataset mnist ...                # trains exactly as ddpm.py does (same flags, same recipe,
+                                                    # and torchrun --nproc_per_node=N ddim.py for N GPUs)
   python benchmarks/ddim_vs_ddpm.py --ckpt RUN/ckpt.pt   # DDPM vs DDIM: time and quality (table in README.md)
 --steps counts training steps, as in every script, so DDIM's number of sampling steps S is
 --sample-steps (the DDIM code's --timesteps): `--sample-steps 50`, never `--steps 50`, to sample.
@@ -83,7 +84,7 @@ class Config:
     dropout: float = 0.1  # dropout inside residual blocks (paper: 0.1 on CIFAR-10)
     # --- optimisation ---
     steps: int = 800_000  # training steps (paper: 800k on CIFAR-10)
-    batch_size: int = 128  # images per step (paper: 128); also the sampling batch
+    batch_size: int = 128  # images per step, over all GPUs under torchrun (paper: 128); also the sampling batch
     lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
     warmup: int = 5000  # steps of linear learning-rate warm-up (paper: 5000)
     grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
@@ -365,14 +366,19 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: to
     a = alpha_bar[t].float()[:, None, None, None]  # (B, 1, 1, 1)
     # Eq. 4:  x_t = √ᾱ_t · x_0 + √(1−ᾱ_t) · ε,   ε ~ N(0, I)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
-# <<< shared: diffusion
 
 
-def diffusion_loss(eps_model, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """L_simple (Eq. 14): E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t uniform."""
-    t = torch.randint(0, len(alpha_bar), (x0.shape[0],), device=x0.device)  # (B,)
-    eps = torch.randn_like(x0)
+def diffusion_loss(eps_model, x0: torch.Tensor, alpha_bar: torch.Tensor, generator=None,
+                   rows=slice(None)) -> torch.Tensor:
+    """L_simple (Eq. 14): E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t uniform.
+
+    t and ε are drawn for the whole batch x0, then only its `rows` go through the network: under
+    torchrun, every process draws the same numbers and takes its own share (all rows without it)."""
+    t = torch.randint(0, len(alpha_bar), (len(x0),), device=x0.device, generator=generator)  # (B,)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)  # (B, C, H, W)
+    x0, t, eps = x0[rows], t[rows], eps[rows]  # this process's share: (B / processes, ...)
     return F.mse_loss(eps_model(q_sample(x0, t, eps, alpha_bar), t), eps)
+# <<< shared: diffusion
 
 
 # =============================================================================================
@@ -581,8 +587,18 @@ def run_fid(cfg: Config, images: torch.Tensor, run_dir: str, step: int) -> float
 
 # >>> shared: train
 def train(cfg: Config) -> None:
-    # --- plumbing: device, run directory, checkpoint to resume, data ---
+    # --- plumbing: processes. torchrun starts one per GPU and sets RANK (which one), WORLD_SIZE (how
+    # many) and LOCAL_RANK (which GPU of this machine); under plain python there is one: rank 0 of 1 ---
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device)
+    if cfg.batch_size % world:  # --batch-size is the global batch: the run is the same on 1 or 8 GPUs
+        sys.exit(f"{PROG}: --batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # --- plumbing: run directory, checkpoint to resume, data ---
     run_dir = cfg.out or f"runs/{PROG}-{os.path.basename(cfg.dataset.rstrip('/')).removesuffix('.npy')}"
     ckpt_path = cfg.ckpt or os.path.join(run_dir, "ckpt.pt")
     if not cfg.resume and os.path.exists(ckpt_path):  # never overwrite a trained model by accident
@@ -590,19 +606,24 @@ def train(cfg: Config) -> None:
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     if state:  # the network and the diffusion are fixed by the checkpoint
         cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
+    batches = torch.Generator(device).manual_seed(cfg.seed)  # the same in every process: draws the batches
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls/convs
     data = get_data(cfg).to(device)  # (N, C, H, W) in [-1, 1], resident on the device
     cfg.image_size = data.shape[-1]
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    if rank == 0:  # only process 0 writes files and prints
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg) | {"processes": world, "batch_per_process": cfg.batch_size // world},
+                      f, indent=2)  # batch_size is the global batch
 
     # --- core: the network, its EMA copy, the optimiser, the noise schedule ---
     model = build_model(cfg, data.shape[1]).to(device)
+    # torchrun: DDP gives every process process 0's weights, and averages the gradients in backward()
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).to(device)  # ᾱ_t, float64
     step = 0
@@ -612,20 +633,24 @@ def train(cfg: Config) -> None:
         optimizer.load_state_dict(state["optimizer"])
         warmup.load_state_dict(state["warmup"])
         step = state["step"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        print(f"resumed from {ckpt_path} at step {step}")
-    train_model = torch.compile(model) if cfg.compile else model  # shares the weights; we save `model`
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(data)} images "
-          f"{tuple(data.shape[1:])} | {device} | {'bf16' if use_bf16(cfg, device) else 'fp32'} | "
-          f"{cfg.schedule} schedule, T={cfg.timesteps}")
+        batches.set_state(state["rng_batches"])  # the batches, t and ε an unbroken run would have drawn
+        if rank == 0:  # and its dropout masks (other processes continue with fresh ones)
+            torch.set_rng_state(state["rng_cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"])
+            print(f"resumed from {ckpt_path} at step {step}")
+    train_model = torch.compile(train_model) if cfg.compile else train_model  # shares the weights; we save `model`
+    if rank == 0:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(data)} images "
+              f"{tuple(data.shape[1:])} | {device} | {'bf16' if use_bf16(cfg, device) else 'fp32'} | "
+              f"{cfg.schedule} schedule, T={cfg.timesteps} | batch {cfg.batch_size}"
+              + (f" = {world} processes × {cfg.batch_size // world}" if world > 1 else ""))
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "warmup": warmup.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-            "rng_cpu": torch.get_rng_state(),
+            "rng_batches": batches.get_state(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.empty(0)})
 
     def sample_grid():  # the same x_T and z's every time: the grids show progress, not luck
@@ -634,20 +659,25 @@ def train(cfg: Config) -> None:
                   os.path.join(run_dir, "samples", f"step_{step:07d}.png"))
         stack_progression(os.path.join(run_dir, "samples"), os.path.join(run_dir, "progression.png"))
 
-    metrics = open_metrics(os.path.join(run_dir, "metrics.csv"), step,
-                           ["step", "loss", "lr", "images_per_s", "elapsed_s"])
-    writer = csv.writer(metrics)
+    if rank == 0:
+        metrics = open_metrics(os.path.join(run_dir, "metrics.csv"), step,
+                               ["step", "loss", "lr", "images_per_s", "elapsed_s"])
+        writer = csv.writer(metrics)
+    rows = slice(rank, None, world)  # this process's share of each batch: rows rank, rank + W, … (W = world)
     loss_sum, start, last_time, last_step = torch.zeros((), device=device), time.time(), time.time(), step
     while step < cfg.steps:
         # --- core: one training step ---
+        # Every process draws the same batch of B images, flips, t and ε (from `batches`) and trains on its
+        # own rows: W processes take exactly the step that one process takes on the whole batch.
         model.train()
-        x0 = data[torch.randint(0, len(data), (cfg.batch_size,), device=device)]  # (B, C, H, W)
+        x0 = data[torch.randint(0, len(data), (cfg.batch_size,), device=device, generator=batches)]  # (B, C, H, W)
         if cfg.dataset == "cifar10":  # random horizontal flips, on CIFAR-10 only (as in the paper)
-            x0 = torch.where(torch.rand(cfg.batch_size, 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
+            flip = torch.rand(cfg.batch_size, 1, 1, 1, device=device, generator=batches) < 0.5
+            x0 = torch.where(flip, x0.flip(3), x0)
         with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-            loss = diffusion_loss(train_model, x0, alpha_bar)
+            loss = diffusion_loss(train_model, x0, alpha_bar, batches, rows)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under torchrun, DDP averages the gradients over the processes here
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         warmup.step()
@@ -660,28 +690,34 @@ def train(cfg: Config) -> None:
 
         # --- plumbing: log, sample, checkpoint ---
         if step % cfg.log_every == 0 or step == cfg.steps:
-            mean_loss = loss_sum.item() / (step - last_step)
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)  # the sum of every process's loss, in every process
+            mean_loss = loss_sum.item() / (step - last_step) / world
             if not math.isfinite(mean_loss):
                 sys.exit(f"{PROG}: the loss became {mean_loss} by step {step}; lower --lr and run again "
                          f"with --resume (it continues from the last checkpoint, written before this)")
             now = time.time()
             speed = (step - last_step) * cfg.batch_size / (now - last_time)
-            print(f"step {step:>7}/{cfg.steps} | loss {mean_loss:.4f} | {speed:7.1f} img/s | "
-                  f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 3600:5.2f} h", flush=True)
-            writer.writerow([step, f"{mean_loss:.6f}", f"{warmup.get_last_lr()[0]:.3e}", f"{speed:.1f}",
-                             f"{now - start:.1f}"])
-            metrics.flush()
+            if rank == 0:
+                print(f"step {step:>7}/{cfg.steps} | loss {mean_loss:.4f} | {speed:7.1f} img/s | "
+                      f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 3600:5.2f} h", flush=True)
+                writer.writerow([step, f"{mean_loss:.6f}", f"{warmup.get_last_lr()[0]:.3e}", f"{speed:.1f}",
+                                 f"{now - start:.1f}"])
+                metrics.flush()
             loss_sum.zero_()
             last_time, last_step = now, step
-        if step % cfg.sample_every == 0 or step == cfg.steps:
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             sample_grid()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             checkpoint()
-    metrics.close()
-    print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min; run in {run_dir}")
-    if cfg.fid:
-        run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device,
-                              torch.Generator(device).manual_seed(cfg.seed + 1)), run_dir, step)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        metrics.close()
+        print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min; run in {run_dir}")
+        if cfg.fid:
+            run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device,
+                                  torch.Generator(device).manual_seed(cfg.seed + 1)), run_dir, step)
 # <<< shared: train
 
 
@@ -706,8 +742,8 @@ def sample_mode(cfg: Config) -> None:
     run_dir = cfg.out or os.path.dirname(os.path.abspath(cfg.ckpt))
     n = max(cfg.num_samples, cfg.fid)
     start = time.time()
-    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed))
-    seconds = time.time() - start  # generate() ends by copying to the host: the clock is honest
+    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed)).cpu()
+    seconds = time.time() - start  # .cpu() waited for the device to finish: the clock is honest
     save_pngs(images, os.path.join(run_dir, "generated"))
     save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
     print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "

@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides (as ddpm.py --compile)")
     args = parser.parse_args()
     device = ddpm.pick_device(args.device)
     channels, size, kwargs = SIZES[args.size]
@@ -70,19 +71,20 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {name} | torch {torch.__version__} | {args.size} network | batch {batch} | "
-          f"{'bf16' if bf16 else 'fp32'}")
+          f"{'bf16' if bf16 else 'fp32'}{' | compiled' if args.compile else ''}")
 
     # --- the bare reference: forward + backward + Adam on a resident batch, and a bare forward ---
     torch.manual_seed(0)
     model = ddpm.UNet(channels, size, **kwargs).to(device)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    net = torch.compile(model) if args.compile else model  # shares the weights with `model`
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # the optimizer ddpm.train() uses
     x = torch.randn(batch, channels, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def bare_train_step():
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            loss = F.mse_loss(model(x, t), x)
+            loss = F.mse_loss(net(x, t), x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -102,7 +104,7 @@ def main():
         n = args.steps
         ddpm.train(ddpm.Config(dataset=data, out=out, steps=2 * n, log_every=n, sample_every=10 ** 9,
                                ckpt_every=10 ** 9, batch_size=batch, timesteps=2, device=str(device),
-                               precision=args.precision, **kwargs))
+                               precision=args.precision, compile=args.compile, **kwargs))
         rows = open(os.path.join(out, "metrics.csv")).read().splitlines()
         return batch / float(rows[2].split(",")[3])  # the second interval: after warm-up
 
@@ -143,14 +145,15 @@ def main():
         print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB "
               f"(whole process, max resident set)")
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        bare_train_step()
+    with FlopCounterMode(display=False) as counter:  # on the uncompiled network: the FLOPs are the same
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            F.mse_loss(model(x, t), x).backward()
     flops = counter.get_total_flops()
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     matmul = 2 * n ** 3 / timed(lambda: a @ a, device, 10)
-    achieved = flops / med(bare)
-    print(f"training step: {flops / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s achieved; "
+    achieved = flops / med(loop)  # by ddpm.train() itself
+    print(f"training step: {flops / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s achieved by the loop; "
           f"{n}x{n} matmul: {matmul / 1e9:.1f} GFLOP/s -> {achieved / matmul:.2f} of the matmul rate")
 
 
