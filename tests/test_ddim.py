@@ -33,7 +33,7 @@ def test_shared_blocks_are_identical_to_ddpm():
     assert set(ours) == {"argparse", "data", "unet", "diffusion", "plumbing", "train", "sample_mode"}
     for name, block in ours.items():
         assert block == theirs[name], f"shared block {name!r} differs from ddpm.py's"
-    # diffusion_loss (read by the shared train block) and build_model sit outside the markers: same code too
+    # build_model (read by the shared train block) sits outside the markers: same code too
     for name in ("diffusion_loss", "build_model"):
         assert ddim.inspect.getsource(getattr(ddim, name)) == ddpm.inspect.getsource(getattr(ddpm, name))
 
