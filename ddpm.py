@@ -78,6 +78,7 @@ class Config:
     batch_size: int = 128  # images per step, over all GPUs under torchrun (paper: 128); also the sampling batch
     lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
     warmup: int = 5000  # steps of linear learning-rate warm-up (paper: 5000)
+    lr_decay: str = "none"  # after the warm-up: none (paper: constant) | cosine (to 0 at --steps; short runs)
     grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights
     # --- run ---
@@ -99,7 +100,7 @@ class Config:
     visualize: bool = False  # write forward- and reverse-process strips as PNG
 
 
-CHOICES = {"schedule": ("linear", "cosine"), "var": ("beta", "beta_tilde"),
+CHOICES = {"schedule": ("linear", "cosine"), "lr_decay": ("none", "cosine"), "var": ("beta", "beta_tilde"),
            "device": ("auto", "cuda", "cpu", "mps"), "precision": ("auto", "fp32", "bf16")}
 ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult",
                "num_res_blocks", "attn_res", "dropout")  # fixed by a checkpoint: taken from it
@@ -538,6 +539,10 @@ def train(cfg: Config) -> None:
     if not cfg.resume and os.path.exists(ckpt_path):  # never overwrite a trained model by accident
         sys.exit(f"{PROG}: {ckpt_path} exists; pass --resume to continue that run or --out NEW_DIR to start anew")
     state = load_checkpoint(ckpt_path) if cfg.resume else None
+    needed = {"model", "ema", "optimizer", "warmup", "step", "config", "rng_batches", "rng_cpu"}
+    if state and not needed <= state.keys():  # e.g. written by an older version: it can be sampled, not resumed
+        sys.exit(f"{PROG}: {ckpt_path} lacks {', '.join(sorted(needed - state.keys()))} and cannot be resumed; "
+                 "use --out NEW_DIR to start anew")
     if state:  # the network and the diffusion are fixed by the checkpoint
         cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
@@ -558,7 +563,10 @@ def train(cfg: Config) -> None:
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    # learning rate of step s (0-based): lr · min(1, (s + 1)/warmup), times ½(1 + cos(π s / steps)) with
+    # --lr-decay cosine, which brings a short run to rest at lr 0 on its last step
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * (
+        0.5 + 0.5 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps) if cfg.lr_decay == "cosine" else 1.0))
     alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).to(device)  # ᾱ_t, float64
     step = 0
     if state:

@@ -188,11 +188,13 @@ def get_data(cfg: Config) -> torch.Tensor:
 # <<< shared: data
 
 
+# >>> shared: test_data
 def get_test_data(cfg: Config, data: torch.Tensor) -> tuple:
     """(training images, test images), both (N, C, H, W) in [-1, 1], given get_data's images.
 
-    The test −ELBO needs images the model never trained on: torchvision's own test split (10,000
-    images for MNIST, Fashion-MNIST and CIFAR-10); for a folder or a .npy file, the last 10%."""
+    Held-out scores (vae.py's test −ELBO, the test reconstructions) need images never trained on:
+    torchvision's own test split (10,000 images for MNIST, Fashion-MNIST and CIFAR-10); for a folder
+    or a .npy file, the last 10%."""
     if cfg.dataset not in TORCHVISION_FILES:
         held_out = max(1, len(data) // 10)
         return data[:-held_out], data[-held_out:]
@@ -209,6 +211,7 @@ def get_test_data(cfg: Config, data: torch.Tensor) -> tuple:
     if x.shape[-1] != data.shape[-1]:
         x = F.interpolate(x, size=data.shape[-2:], mode="bilinear", antialias=True)
     return data, x.clamp(-1, 1).contiguous()
+# <<< shared: test_data
 
 
 # =============================================================================================
@@ -377,6 +380,7 @@ def interpolate(model, cfg: Config, a: torch.Tensor, b: torch.Tensor, device, st
     return torch.cat([a[:, None].cpu(), middle, b[:, None].cpu()], 1).flatten(0, 1)  # (P·(steps+2), C, H, W)
 
 
+# >>> shared: above_below
 def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
     """Interleave rows: 8 inputs, then their 8 outputs, then the next 8 inputs ... (for save_grid)."""
     per_row = min(per_row, len(inputs))
@@ -384,6 +388,7 @@ def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -
     pairs = torch.stack([inputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:]),
                          outputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:])], 1)
     return pairs.flatten(0, 2)  # (rows·2·per_row, C, H, W)
+# <<< shared: above_below
 
 
 # =============================================================================================

@@ -191,8 +191,13 @@ def get_data(cfg: Config) -> torch.Tensor:
 # <<< shared: data
 
 
+# >>> shared: test_data
 def get_test_data(cfg: Config, data: torch.Tensor) -> tuple:
-    """(training, test images) in [-1, 1]: torchvision's test split, or the last 10% of a folder or .npy (as vae.py)."""
+    """(training images, test images), both (N, C, H, W) in [-1, 1], given get_data's images.
+
+    Held-out scores (vae.py's test −ELBO, the test reconstructions) need images never trained on:
+    torchvision's own test split (10,000 images for MNIST, Fashion-MNIST and CIFAR-10); for a folder
+    or a .npy file, the last 10%."""
     if cfg.dataset not in TORCHVISION_FILES:
         held_out = max(1, len(data) // 10)
         return data[:-held_out], data[-held_out:]
@@ -209,6 +214,7 @@ def get_test_data(cfg: Config, data: torch.Tensor) -> tuple:
     if x.shape[-1] != data.shape[-1]:
         x = F.interpolate(x, size=data.shape[-2:], mode="bilinear", antialias=True)
     return data, x.clamp(-1, 1).contiguous()
+# <<< shared: test_data
 
 
 # =============================================================================================
@@ -388,6 +394,7 @@ def reconstruct(model, cfg: Config, images: torch.Tensor, device) -> torch.Tenso
                           for i in range(0, len(images), cfg.batch_size)])
 
 
+# >>> shared: above_below
 def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
     """Interleave rows: 8 inputs, then their 8 outputs, then the next 8 inputs ... (for save_grid)."""
     per_row = min(per_row, len(inputs))
@@ -395,6 +402,7 @@ def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -
     pairs = torch.stack([inputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:]),
                          outputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:])], 1)
     return pairs.flatten(0, 2)  # (rows·2·per_row, C, H, W)
+# <<< shared: above_below
 
 
 # =============================================================================================

@@ -5,16 +5,16 @@ sample grids, DDPM samples over training), made by a script anyone can rerun. Ea
 script runs as a subprocess, exactly the command a user would type (the scripts never import each
 other); this file only times them, reads what they leave behind and scores their samples.
 
-    python benchmarks/compare.py --preset cpu-mnist      # every CPU recipe of README.md: ≈ 1.2 h, 2 cores
+    python benchmarks/compare.py --preset cpu-mnist      # every CPU recipe of README.md: ≈ 1.7 h, 2 cores
     python benchmarks/compare.py --preset gpu-cifar10 --fid-weights pt_inception-2015-12-05-6726825d.pth
     python benchmarks/compare.py --smoke                 # the same code path on tiny budgets: < 1 min
 
 Presets
-  cpu-mnist    README.md's CPU recipes on MNIST: ddpm.py (linear, T = 100), ddim.py sampling that
-               checkpoint (50 steps, η = 1: the best row of README's DDIM table), dcgan.py (samples from
-               best.pt), vae.py, vaegan.py. 2000 samples each, scored by MNIST-FID (benchmarks/mnist_fid.py:
-               a LeNet's features vs the 10k MNIST test images; NOT comparable with papers), or by fid.py's
-               Inception FID with --fid-weights.
+  cpu-mnist    README.md's CPU recipes on MNIST: ddpm.py (T = 100) with the cosine and the linear schedule,
+               ddim.py sampling the cosine checkpoint (50 steps, η = 1: the best row of README's DDIM
+               table), dcgan.py (samples from best.pt), vae.py, vaegan.py. 2000 samples each, scored by
+               MNIST-FID (benchmarks/mnist_fid.py: a LeNet's features vs the 10k MNIST test images; NOT
+               comparable with papers), or by fid.py's Inception FID with --fid-weights.
   gpu-cifar10  The paper-faithful CIFAR-10 runs: each script's defaults (DDPM linear and cosine: the paper's
                35.7M U-Net, 800k steps), DDIM with 50 and 100 steps (η = 0, quadratic τ, the DDIM paper's
                setting) of both DDPM checkpoints, DCGAN, VAE, VAE-GAN; 50,000 samples each; fid.py against
@@ -90,16 +90,18 @@ def preset_models(preset: str, data: str, n: int) -> list:
     vae_loss = dict(loss_label="−ELBO (nats/image)")
     if preset == "cpu-mnist":  # README.md's CPU recipes, flag for flag
         cpu = ["--device", "cpu"]
+        ddpm_train = ["--dataset", data, "--timesteps", "100", "--channels", "32", "--channel-mult", "1,2,2",
+                      "--num-res-blocks", "1", "--dropout", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup",
+                      "100", "--lr-decay", "cosine", "--steps", "2400", "--sample-every", "400", "--ckpt-every",
+                      "400", "--precision", "bf16", *cpu]
+        ddpm_sample = ["--var", "beta_tilde", "--num-samples", str(n), "--batch-size", "64", "--precision", "bf16",
+                       *cpu]
         return [
-            Model("ddpm", "DDPM (linear, T = 100)", "ddpm.py",
-                  ["--dataset", data, "--schedule", "linear", "--timesteps", "100", "--channels", "32",
-                   "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--dropout", "0", "--batch-size", "64",
-                   "--lr", "1e-3", "--warmup", "100", "--steps", "2600", "--sample-every", "325", "--ckpt-every",
-                   "650", "--precision", "bf16", *cpu],
-                  ["--num-samples", str(n), "--batch-size", "64", "--precision", "bf16", *cpu], **ddpm_loss),
-            Model("ddim", "DDIM, 50 steps, η = 1 (the DDPM's checkpoint)", "ddim.py", [],
+            *[Model(f"ddpm-{s}", f"DDPM ({s}, T = 100)", "ddpm.py", ["--schedule", s, *ddpm_train], ddpm_sample,
+                    **ddpm_loss) for s in ("cosine", "linear")],
+            Model("ddim", "DDIM, 50 steps, η = 1 (DDPM cosine's checkpoint)", "ddim.py", [],
                   ["--sample-steps", "50", "--eta", "1", "--num-samples", str(n), "--batch-size", "64",
-                   "--precision", "bf16", *cpu], source="ddpm", **ddpm_loss),
+                   "--precision", "bf16", *cpu], source="ddpm-cosine", **ddpm_loss),
             Model("dcgan", "DCGAN (best.pt)", "dcgan.py",
                   ["--dataset", data, "--g-channels", "64", "--d-channels", "64", "--steps", "6000", "--check-every",
                    "250", "--ckpt-every", "500", "--sample-every", "500", "--precision", "bf16", *cpu],

@@ -243,6 +243,11 @@ def test_training_refuses_to_overwrite_a_run(tmp_path, tiny_npy):
     args = ["ddpm.py", "--dataset", tiny_npy, "--out", out, "--steps", "1", *TINY]
     assert run_script(*args).returncode == 0
     assert_one_line_error(run_script(*args), "--resume")
+    # a checkpoint without the training state (an older version's) is refused in one line, not a KeyError
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    del state["rng_batches"]
+    torch.save(state, os.path.join(out, "ckpt.pt"))
+    assert_one_line_error(run_script(*args, "--resume", "--steps", "2"), "rng_batches", "--out")
 
 
 @pytest.mark.parametrize("args,words", [
@@ -325,6 +330,22 @@ def test_ema_follows_its_warm_up_formula(tmp_path, tiny_npy):
         assert torch.allclose(two["ema"][name], 2 / 11 * one["ema"][name] + 9 / 11 * theta, atol=1e-6), name
         moved += not torch.equal(theta, one["model"][name])
     assert moved > 10  # the second step moved many tensors, so the checks above have teeth
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine"])
+def test_learning_rate_follows_warm_up_and_optional_cosine(tmp_path, tiny_npy, decay):
+    """lr(s) = lr · min(1, (s + 1)/warmup) · [½(1 + cos(π s / steps)) with --lr-decay cosine];
+    metrics.csv logs, after step s, the rate the next step will use: lr(s)."""
+    cfg = ddpm.Config(dataset=tiny_npy, channels=32, channel_mult="1,2", num_res_blocks=1, timesteps=10,
+                      device="cpu", batch_size=4, steps=6, warmup=3, lr=1e-3, lr_decay=decay, log_every=1,
+                      sample_every=100, out=str(tmp_path / "run"))
+    ddpm.train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    for r in rows:
+        s = int(r["step"])
+        want = 1e-3 * min(1.0, (s + 1) / 3) * (0.5 + 0.5 * math.cos(math.pi * s / 6) if decay == "cosine" else 1)
+        assert float(r["lr"]) == pytest.approx(want, rel=1e-3, abs=1e-9), (s, r["lr"])
+    assert float(rows[-1]["lr"]) == (0 if decay == "cosine" else 1e-3)
 
 
 def test_fid_flag_scores_samples_against_the_training_set(tmp_path, tiny_npy):
