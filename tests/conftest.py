@@ -9,11 +9,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `import ddpm` etc. from the repository root
 
-# Real MNIST, for the real-data tests only: our own machines keep it beside the repository.
-# Users and fresh machines do not have it; those tests then skip, and say so (pytest -rs).
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-HAVE_MNIST = os.path.isfile(os.path.join(SHARED_DATA, "MNIST", "raw", "train-images-idx3-ubyte"))
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"REAL-DATA TEST SKIPPED: no MNIST in {SHARED_DATA}")
+# Real MNIST, for the real-data tests only: in the repository's data/ (where `python ddpm.py --dataset
+# mnist` downloads it) or, on the team's machines, in ../shared/data beside the repository. Where
+# neither holds all four files, those tests skip and say so (pytest -rs).
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_ROOTS = [os.path.join(ROOT, "data"), os.path.join(os.path.dirname(ROOT), "shared", "data")]
+MNIST_ROOT = next((r for r in MNIST_ROOTS if all(os.path.isfile(os.path.join(r, "MNIST", "raw", f))
+                                                 for f in MNIST_FILES)), None)
+HAVE_MNIST = MNIST_ROOT is not None
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="REAL-DATA TEST SKIPPED: no MNIST in data/MNIST/raw/ "
+                                 "(torchvision.datasets.MNIST('data', download=True) puts it there)")
 
 
 def run_script(*args, timeout=300):

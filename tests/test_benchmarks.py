@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, needs_mnist, run_script
+from conftest import MNIST_ROOT, needs_mnist, run_script
 
 
 def test_speed_benchmark_runs_and_prints_its_ratios():
@@ -19,9 +19,9 @@ def test_mnist_fid_ranks_real_digits_far_above_noise():
     import sys
     sys.path.insert(0, "benchmarks")
     import mnist_fid
-    real = mnist_fid.mnist(SHARED_DATA, train=True)[0][:500] * 2 - 1
+    real = mnist_fid.mnist(MNIST_ROOT, train=True)[0][:500] * 2 - 1
     noise = torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     blurred = torch.nn.functional.avg_pool2d(real, 3, 1, 1)
-    scores = [mnist_fid.score(x, SHARED_DATA) for x in (real, blurred, noise)]
+    scores = [mnist_fid.score(x, MNIST_ROOT) for x in (real, blurred, noise)]
     assert scores[0] < scores[1] < scores[2] and scores[0] < 20, scores
     assert np.isfinite(scores).all()

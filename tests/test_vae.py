@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vae
-from conftest import SHARED_DATA, assert_one_line_error, needs_mnist, run_script
+from conftest import MNIST_ROOT, assert_one_line_error, needs_mnist, run_script
 
 TINY = ["--channels", "8", "--latent", "4", "--device", "cpu", "--batch-size", "8"]
 
@@ -250,7 +250,7 @@ def test_bad_checkpoint_gives_one_clear_line(tmp_path):
 
 @needs_mnist
 def test_real_mnist_test_split():
-    cfg = vae.Config(dataset="mnist", data_root=SHARED_DATA)
+    cfg = vae.Config(dataset="mnist", data_root=MNIST_ROOT)
     train, test = vae.get_test_data(cfg, vae.get_data(cfg))
     assert train.shape == (60000, 1, 28, 28) and test.shape == (10000, 1, 28, 28)
     assert test.min() == -1 and test.max() == 1 and not torch.equal(train[:100], test[:100])

@@ -241,3 +241,18 @@ def test_bad_checkpoint_and_bad_image_size_give_one_clear_line(tmp_path, tiny_np
     assert_one_line_error(run_script("vaegan.py", "--sample", "--ckpt", str(broken)), "cannot read checkpoint")
     assert_one_line_error(run_script("vaegan.py", "--dataset", tiny_npy, "--image-size", "27", "--out",
                                      str(tmp_path / "run"), *TINY), "image size 27")
+
+
+def test_fid_flag_scores_prior_samples_and_reconstructions(tmp_path, tiny_npy):
+    """--fid N in --sample mode, for prior samples and for --reconstruct: N images scored by fid.py (a
+    random Inception: offline, numbers meaningless) and one fid.csv row each, naming which set it was."""
+    out = str(tmp_path / "run")
+    assert run_script("vaegan.py", "--dataset", tiny_npy, "--out", out, "--steps", "1", *TINY).returncode == 0
+    for extra in ([], ["--reconstruct"]):
+        r = run_script("vaegan.py", "--sample", *extra, "--ckpt", os.path.join(out, "ckpt.pt"), "--num-samples", "2",
+                       "--fid", "4", "--fid-weights", "random", "--device", "cpu", "--data-root", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert "FID" in r.stdout
+    rows = list(csv.DictReader(open(os.path.join(out, "fid.csv"))))
+    assert [r["n"] for r in rows] == ["4", "4"] and all(math.isfinite(float(r["fid"])) for r in rows)
+    assert [r["sampler"].endswith(f"reconstruct={v}") for r, v in zip(rows, ("False", "True"))] == [True, True]
