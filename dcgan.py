@@ -12,7 +12,7 @@ DCGAN's samples often get worse late in training. So this script measures sample
 
 Commands
   python dcgan.py                           # CIFAR-10 at 32x32, ~100 epochs (40k steps of 128).
-                                            # Careful 32x32 DCGANs reach FID 42.7 (50k samples).
+                                            # (FID ≈ 42.7 is often quoted for 32x32 DCGANs; unsourced.)
   python dcgan.py --sample --ckpt runs/dcgan-cifar10/best.pt --num-samples 50000 --fid 50000
   python dcgan.py --dataset mnist --g-channels 64 --d-channels 64 --steps 6000 --precision bf16 ...
         # the CPU recipe (11 min on 2 cores): the exact command and its MNIST score are in README.md

@@ -78,7 +78,7 @@ class Config:
     batch_size: int = 128  # images per step, over all GPUs under torchrun (paper: 128); also the sampling batch
     lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
     warmup: int = 5000  # steps of linear learning-rate warm-up (paper: 5000)
-    lr_decay: str = "none"  # after the warm-up: none (paper: constant) | cosine (to 0 at --steps; short runs)
+    lr_decay: str = "none"  # learning-rate decay: none (paper: constant) | cosine (to 0 by --steps; short runs)
     grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights
     # --- run ---

@@ -5,7 +5,7 @@ sample grids, DDPM samples over training), made by a script anyone can rerun. Ea
 script runs as a subprocess, exactly the command a user would type (the scripts never import each
 other); this file only times them, reads what they leave behind and scores their samples.
 
-    python benchmarks/compare.py --preset cpu-mnist      # every CPU recipe of README.md: ≈ 1.7 h, 2 cores
+    python benchmarks/compare.py --preset cpu-mnist      # every CPU recipe of README.md: 88.5 min, 2 cores
     python benchmarks/compare.py --preset gpu-cifar10 --fid-weights pt_inception-2015-12-05-6726825d.pth
     python benchmarks/compare.py --smoke                 # the same code path on tiny budgets: < 1 min
 
@@ -88,7 +88,7 @@ def preset_models(preset: str, data: str, n: int) -> list:
     vaegan = dict(loss="gan_decoder", loss_label="decoder's adversarial loss −log D(·)", also=("gan_discriminator",))
     ddpm_loss = dict(loss_label="L_simple (MSE of ε)")
     vae_loss = dict(loss_label="−ELBO (nats/image)")
-    if preset == "cpu-mnist":  # README.md's CPU recipes, flag for flag
+    if preset == "cpu-mnist":  # README.md's CPU recipes, flag for flag (DDPM: also with the linear schedule)
         cpu = ["--device", "cpu"]
         ddpm_train = ["--dataset", data, "--timesteps", "100", "--channels", "32", "--channel-mult", "1,2,2",
                       "--num-res-blocks", "1", "--dropout", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup",

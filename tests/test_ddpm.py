@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ddpm
-from conftest import HAVE_MNIST, SHARED_DATA, assert_one_line_error, needs_mnist, run_script
+from conftest import HAVE_MNIST, MNIST_ROOT, assert_one_line_error, needs_mnist, run_script
 
 TINY = ["--channels", "32", "--channel-mult", "1,2", "--num-res-blocks", "1", "--timesteps", "10",
         "--device", "cpu", "--batch-size", "8"]
@@ -307,7 +307,7 @@ def test_image_folder_and_npy_load_into_minus_one_one(tmp_path):
 
 @needs_mnist
 def test_real_mnist_loads():
-    x = ddpm.get_data(ddpm.Config(dataset="mnist", data_root=SHARED_DATA))
+    x = ddpm.get_data(ddpm.Config(dataset="mnist", data_root=MNIST_ROOT))
     assert x.shape == (60000, 1, 28, 28) and x.min() == -1 and x.max() == 1
     assert -0.8 < x.mean().item() < -0.7  # MNIST is mostly black background
 
