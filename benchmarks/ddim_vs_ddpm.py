@@ -41,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA, else fp32 (as in the scripts)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed for every setting")
+    parser.add_argument("--var", default="beta", choices=["beta", "beta_tilde"],
+                        help="DDPM's σ_t²: β_t (the paper's CIFAR-10 choice) or β̃_t (what DDIM's η = 1 uses)")
     parser.add_argument("--ddim-steps", default="10,20,50,100", help="DDIM's S values, comma-separated")
     parser.add_argument("--etas", default="0,1", help="DDIM's η values, comma-separated")
     parser.add_argument("--skip", default="uniform", choices=["uniform", "quadratic"], help="DDIM's τ (see ddim.py)")
@@ -97,13 +99,13 @@ def main(args):
     device = ddpm.pick_device(args.device)
     # the network, loaded once (EMA weights); the checkpoint fixes dataset, schedule, T and architecture
     model, ddpm_cfg, shape, step = ddpm.load_for_sampling(ddpm.Config(
-        ckpt=args.ckpt, batch_size=args.batch_size, precision=args.precision, device=args.device))
+        ckpt=args.ckpt, batch_size=args.batch_size, precision=args.precision, device=args.device, var=args.var))
     model = model.to(device)
     ddim_cfg = ddim.Config(**{k: getattr(ddpm_cfg, k) for k in ddim.ARCH_FIELDS}, batch_size=args.batch_size,
                            precision=args.precision, device=args.device, skip=args.skip)
     T = ddpm_cfg.timesteps
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "ddim_vs_ddpm")
-    settings = [("DDPM (σ² = β, clipped x̂₀)", f"ddpm-T{T}", T,
+    settings = [(f"DDPM (σ² = {'β̃' if args.var == 'beta_tilde' else 'β'}, clipped x̂₀)", f"ddpm-T{T}", T,
                  lambda n, g: ddpm.generate(model, ddpm_cfg, n, shape, device, g))]
     for S in args.ddim_steps:
         if S > T:

@@ -306,6 +306,14 @@ def test_benchmark_runs_and_prints_the_table(ddpm_ckpt, tmp_path):
     for folder in ("ddpm-T10", "ddim-S2-eta0", "ddim-S2-eta1", "ddim-S5-eta0", "ddim-S5-eta1"):
         assert len(os.listdir(os.path.join(out, folder))) == 4, folder
     assert os.path.isfile(os.path.join(out, "comparison.png"))
+    # --var beta_tilde: DDPM samples with σ² = β̃ (same seed, so different images prove the flag is used)
+    r = run_script("benchmarks/ddim_vs_ddpm.py", "--ckpt", ddpm_ckpt, "--num-samples", "4", "--batch-size", "4",
+                   "--ddim-steps", "2", "--etas", "1", "--device", "cpu", "--out", out + "_bt", "--var", "beta_tilde")
+    assert r.returncode == 0, r.stderr
+    assert "| DDPM (σ² = β̃, clipped x̂₀) |" in r.stdout, r.stdout
+    from PIL import Image
+    first = [Image.open(os.path.join(d, "ddpm-T10", "000000.png")).tobytes() for d in (out, out + "_bt")]
+    assert first[0] != first[1]
 
 
 def test_benchmark_scores_mnist_with_mnist_fid(monkeypatch):
