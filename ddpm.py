@@ -564,10 +564,14 @@ def train(cfg: Config) -> None:
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
-    # learning rate of step s (0-based): lr · min(1, (s + 1)/warmup), times ½(1 + cos(π s / steps)) with
-    # --lr-decay cosine, which brings a short run to rest at lr 0 on its last step
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * (
-        0.5 + 0.5 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps) if cfg.lr_decay == "cosine" else 1.0))
+    def lr_factor(s: int) -> float:  # step s (0-based) trains with learning rate lr · lr_factor(s)
+        # linear warm-up (paper):  min(1, (s + 1) / warmup)
+        warm = min(1.0, (s + 1) / max(1, cfg.warmup))
+        if cfg.lr_decay == "none":
+            return warm
+        # --lr-decay cosine:  × ½(1 + cos(π s / steps)), ≈ 0 by the last step, so a short run ends at rest
+        return warm * (0.5 + 0.5 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)  # ("warmup": its name in checkpoints)
     alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).to(device)  # ᾱ_t, float64
     step = 0
     if state:
