@@ -8,21 +8,20 @@ process, fixed) and learns to undo one step at a time (the reverse process, lear
 network only ever answers one question: "which noise ε was added to this image x_t at step t?"
 
 Commands
-  python ddpm.py --schedule cosine          # CIFAR-10, the paper's 35.7M U-Net, 800k steps.
-                                            # Paper: FID 3.17 (linear) after 10.6 h on a TPU v3-8.
-  torchrun --nproc_per_node=8 ddpm.py --schedule cosine   # the same run on 8 GPUs of one machine:
-        # each GPU takes 16 of every 128 images; the same steps as on one GPU, up to rounding
-  python ddpm.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --num-samples 50000 --fid 50000
+  python ddpm.py --schedule cosine          # CIFAR-10, the paper's 35.7M U-Net, 800k steps: a GPU job
+                                            # (paper, linear schedule: FID 3.17 after 10.6 h on a TPU v3-8)
+  torchrun --nproc_per_node=8 ddpm.py --schedule cosine   # the same run on 8 GPUs of one machine
+  python ddpm.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --num-samples 50000 \
+      --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # FID comparable with papers
   python ddpm.py --dataset mnist --schedule cosine --timesteps 100 --channels 32 --channel-mult 1,2,2 \
       --num-res-blocks 1 --dropout 0 --batch-size 64 --lr 1e-3 --warmup 100 --lr-decay cosine --steps 2400 \
-      --sample-every 400 --ckpt-every 400 --precision bf16 --device cpu
-        # the CPU recipe: 17 min on 2 CPU cores, legible digits; sample it with --var beta_tilde
-        # (README.md has the sampling command and the MNIST score)
+      --sample-every 400 --ckpt-every 400 --device cpu
+        # a CPU recipe (README.md: its time on 2 cores, the sampling command and the MNIST score)
   python ddpm.py --visualize --ckpt RUN/ckpt.pt   # forward and reverse process as PNG strips
 
 Sections
-  1. Config     2. Data     3. Model (U-Net)     4. Objective (schedules, q(x_t|x_0), L_simple)
-  5. Sampler (Algorithm 2)  6. Train (one process, or several under torchrun)     7. Main
+  1. Config   2. Data   3. Model (U-Net)   4. Objective (schedules, q(x_t|x_0), Algorithm 1's loss)
+  5. Sampler (Algorithm 2)   6. Train (Algorithm 1; then its plumbing)   7. Main
 
 Where we depart from the paper (and why)
   - For T != 1000 the linear schedule's endpoints are scaled by 1000/T (as in Nichol &
@@ -38,11 +37,14 @@ import argparse
 import copy
 import csv
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 import time
 
@@ -52,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PROG = os.path.splitext(os.path.basename(__file__))[0]  # "ddpm": names runs and error messages
+READS = ("ddpm", "ddim")  # the scripts whose checkpoints this one can load (the same format)
 
 
 # =============================================================================================
@@ -66,13 +69,13 @@ class Config:
     # --- diffusion ---
     schedule: str = "linear"  # noise schedule: linear (Ho et al.) | cosine (Nichol & Dhariwal)
     timesteps: int = 1000  # T, the number of diffusion steps (the seed study used 300)
-    var: str = "beta"  # reverse-process variance σ_t²: beta (β_t, paper's CIFAR-10) | beta_tilde (β̃_t)
-    clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling
+    var: str = "beta"  # reverse-process variance σ_t²: beta (β_t, the paper's CIFAR-10 choice) | beta_tilde (β̃_t)
+    clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling (the paper's code does)
     # --- model (0 or "": the size for this image size, see UNET_SIZES) ---
-    channels: int = 0  # base channel count of the U-Net (paper: 128)
-    channel_mult: str = ""  # channel multiplier per resolution level (paper: 1,2,2,2)
+    channels: int = 0  # base channel count of the U-Net (0: 128 at 32 px, as in the paper; 64 at 28 and 16 px)
+    channel_mult: str = ""  # channel multiplier per resolution level, e.g. 1,2,2,2 ("": the paper's at 32 px; 1,2,2 below)
     num_res_blocks: int = 2  # residual blocks per level on the way down (paper: 2)
-    attn_res: str = ""  # resolutions with self-attention ("": half the image size; "none")
+    attn_res: str = ""  # resolutions with self-attention, e.g. 16 or 14,7 ("": half the image size; "none")
     dropout: float = 0.1  # dropout inside residual blocks (paper: 0.1 on CIFAR-10)
     # --- optimisation ---
     steps: int = 800_000  # training steps (paper: 800k on CIFAR-10)
@@ -81,28 +84,31 @@ class Config:
     warmup: int = 5000  # steps of linear learning-rate warm-up (paper: 5000)
     lr_decay: str = "none"  # learning-rate decay: none (paper: constant) | cosine (to 0 by --steps; short runs)
     grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
-    ema_decay: float = 0.9999  # decay of the exponential moving average of the weights
+    ema_decay: float = 0.9999  # decay of the exponential moving average of the weights (paper: 0.9999)
     # --- run ---
-    out: str = ""  # run directory ("": runs/ddpm-<dataset>)
-    device: str = "auto"  # auto | cuda | cpu | mps
-    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16
+    out: str = ""  # run directory ("": runs/ddpm-<dataset>; with --sample: beside the checkpoint)
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
+    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the network for training (the saved weights are not compiled)
     seed: int = 0  # random seed
     log_every: int = 100  # steps between progress lines and rows of metrics.csv
     sample_every: int = 10_000  # steps between sample grids (drawn from the same fixed noise)
-    ckpt_every: int = 5000  # steps between checkpoints (one is always written at the end)
+    ckpt_every: int = 5000  # steps between checkpoints (one is also written at the end, and on Ctrl-C)
     resume: bool = False  # continue from the run's ckpt.pt (or --ckpt) at its saved step
     ckpt: str = ""  # checkpoint to resume from, sample from or visualise
     # --- generation ---
     sample: bool = False  # only generate: --num-samples PNGs from --ckpt's EMA weights
     num_samples: int = 64  # images written in --sample mode
-    fid: int = 0  # if > 0: generate this many images and print their FID (needs fid.py)
-    fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; a path; see fid.py)
-    visualize: bool = False  # write forward- and reverse-process strips as PNG
+    fid: int = 0  # if > 0: generate this many images and print their FID against the training set (fid.py)
+    fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; or a file, e.g. pytorch-fid's for paper numbers)
+    visualize: bool = False  # write forward.png and reverse.png: the two processes, step by step
 
 
 CHOICES = {"schedule": ("linear", "cosine"), "lr_decay": ("none", "cosine"), "var": ("beta", "beta_tilde"),
            "device": ("auto", "cuda", "cpu", "mps"), "precision": ("auto", "fp32", "bf16")}
+RANGES = {"image_size": ">=0", "timesteps": ">=1", "channels": ">=0", "num_res_blocks": ">=1", "dropout": "[0,1)",
+          "steps": ">=1", "batch_size": ">=1", "lr": ">0", "warmup": ">=0", "grad_clip": ">0", "ema_decay": "[0,1)",
+          "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1", "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult",
                "num_res_blocks", "attn_res", "dropout")  # fixed by a checkpoint: taken from it
 
@@ -113,15 +119,45 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(f"{PROG}: {message} (see --help)")
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv=None) -> Config:
     """Every Config field becomes a flag; its comment in the class above is the --help text."""
     helps = dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
     parser = OneLineErrorParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) \
-            else {"type": type(f.default), "choices": CHOICES.get(f.name)}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name), **kind)
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else \
+            {"type": finite_float if f.type is float else f.type, "choices": CHOICES.get(f.name)}
+        shown = helps.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=shown, **kind)
     return Config(**vars(parser.parse_args(argv)))
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number in RANGES lies in its range, before anything runs; else one line naming the flag."""
+    tests = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+    for name, rule in RANGES.items():
+        value, (ok, words) = getattr(cfg, name), tests[rule]
+        if not (math.isfinite(value) and ok(value)):
+            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be {words}, got {value}")
+
+
+def run_main(main) -> None:
+    """main(parse_args()), with what a user's machine can throw turned into one line, not a traceback."""
+    try:
+        main(parse_args())
+    except OSError as e:  # disk full, permission denied, read-only folder, too many open files, ...
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        sys.exit(f"{PROG}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+                 + (" (free some space or choose another --out; the last checkpoint is intact)" if full else ""))
+    except KeyboardInterrupt:
+        sys.exit(f"{PROG}: interrupted")
 # <<< shared: argparse
 
 
@@ -137,12 +173,68 @@ TORCHVISION_FILES = {  # what to put where when torchvision cannot download (off
 }
 
 
-def get_data(cfg: Config) -> torch.Tensor:
-    """The whole training set as one float tensor (N, C, H, W) in [-1, 1].
+def pixels_to_uint8(array: np.ndarray, name: str) -> torch.Tensor:
+    """Images as uint8 [0, 255]. Integers (any dtype) are pixels in [0, 255]; floats are read as [0, 1],
+    or as [-1, 1] if any value is negative. (fid.py reads .npy files by the same rule.)"""
+    if array.dtype.kind in "iu":
+        if array.size and not 0 <= array.min() <= array.max() <= 255:
+            sys.exit(f"{PROG}: {name}: integer pixels must be in [0, 255], got [{array.min()}, {array.max()}]")
+        return torch.as_tensor(array.astype(np.uint8))
+    if array.dtype.kind not in "fb":
+        sys.exit(f"{PROG}: {name}: cannot read {array.dtype} values as pixels (use uint8, or floats in [0, 1])")
+    x = torch.as_tensor(array.astype(np.float32))
+    low, high = (x.min().item(), x.max().item()) if x.numel() else (0, 0)
+    if not (math.isfinite(low + high) and (0 <= low and high <= 1 or -1 <= low < 0 and high <= 1)):
+        sys.exit(f"{PROG}: {name}: float pixels must be in [0, 1] or [-1, 1], got [{low:.3g}, {high:.3g}] "
+                 "(save pixel values 0..255 as uint8)")
+    return ((x + 1) / 2 if low < 0 else x).mul(255).round().to(torch.uint8)
 
-    Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so we skip the
-    DataLoader: a batch is one indexing operation, on whatever device the tensor lives."""
-    name = cfg.dataset
+
+def read_folder(folder: str, size: int):
+    """The images of a folder as uint8 (N, H, W) if all are grey, else (N, H, W, 3), resized to size×size
+    (0: the first image's width). A folder with no images but subfolders of them, one per class
+    (torchvision's ImageFolder layout), gives their images and the labels 0, 1, ... in sorted order."""
+    from PIL import Image
+    image = lambda p: p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))  # noqa: E731
+    paths, labels = sorted(os.path.join(folder, p) for p in os.listdir(folder) if image(p)), None
+    if not paths:  # one subfolder per class?
+        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        found = [(os.path.join(folder, c, p), k) for k, c in enumerate(classes)
+                 for p in sorted(os.listdir(os.path.join(folder, c))) if image(p)]
+        paths, labels = [p for p, _ in found], torch.tensor([k for _, k in found])
+    if not paths:
+        sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {folder} (nor in subfolders of it, one per class)")
+    pictures = []
+    for path in paths:  # one file open at a time
+        try:
+            with Image.open(path) as im:
+                pictures.append(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+        except OSError as e:
+            sys.exit(f"{PROG}: cannot read image {path}: {e}")
+    mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"  # a folder of grey images stays grey
+    size = size or pictures[0].size[0]
+    return torch.as_tensor(np.stack([np.asarray(p.convert(mode).resize((size, size), Image.BICUBIC))
+                                     for p in pictures])), labels
+
+
+def read_labels(path: str, n: int) -> torch.Tensor:
+    """--labels FILE.npy: integer labels (N,), or one-hot rows (N, K) as the 16x16 Sprites set ships them."""
+    try:
+        y = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        sys.exit(f"{PROG}: cannot read --labels {path}: {first_line(e)}")
+    y = y.argmax(1) if y.ndim == 2 else y
+    if y.shape != (n,) or y.dtype.kind not in "iuf" or y.min() < 0 or (y != np.round(y)).any():
+        sys.exit(f"{PROG}: --labels {path} must hold {n} labels 0, 1, ... (shape ({n},)) or {n} one-hot rows, "
+                 f"got shape {y.shape} of {y.dtype}")
+    return torch.as_tensor(y.astype(np.int64))
+
+
+def get_data(cfg: Config):
+    """The whole training set as one float tensor (N, C, H, W) in [-1, 1], and its labels (N,) if it has
+    them (None if not). Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so we skip
+    the DataLoader: a batch is one indexing operation, on whatever device the tensor lives."""
+    name, labels = cfg.dataset, None
     if name in TORCHVISION_FILES:
         import torchvision
         cls, files, sub = TORCHVISION_FILES[name]
@@ -154,42 +246,30 @@ def get_data(cfg: Config) -> torch.Tensor:
             except Exception as e:  # offline: say exactly what to put where
                 sys.exit(f"{PROG}: cannot download {name} ({type(e).__name__}); "
                          f"put {files} in {os.path.join(cfg.data_root, sub)} and run again")
-        images = torch.as_tensor(np.asarray(ds.data))  # uint8, (N, H, W) or (N, H, W, C)
+        images, labels = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(np.asarray(ds.targets))  # uint8 (N, H, W[, C])
     elif os.path.isdir(name):
-        from PIL import Image
-        paths = sorted(p for p in os.listdir(name) if p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        if not paths:
-            sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {name}")
-        try:
-            pils = [Image.open(os.path.join(name, p)) for p in paths]
-            grey = all(im.mode in ("L", "1") for im in pils)
-            size = cfg.image_size or pils[0].size[0]  # folders are resized to one square size
-            images = torch.as_tensor(np.stack([np.asarray(im.convert("L" if grey else "RGB").resize(
-                (size, size), Image.BICUBIC)) for im in pils]))
-        except OSError as e:
-            sys.exit(f"{PROG}: cannot read an image in {name}: {e}")
+        images, labels = read_folder(name, cfg.image_size)
     elif name.endswith(".npy") and os.path.isfile(name):
         try:
-            images = torch.as_tensor(np.load(name))  # (N, H, W), (N, H, W, C) or (N, C, H, W)
+            array = np.load(name, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
         except (ValueError, OSError) as e:
-            sys.exit(f"{PROG}: cannot read {name} as a numpy array: {str(e).splitlines()[0]}")
-        if images.dtype != torch.uint8:  # floats: [0, 1], or [-1, 1] if any value is negative
-            images = images.float()
-            images = ((images + 1) / 2 if images.min() < 0 else images) * 255
+            sys.exit(f"{PROG}: cannot read {name} as a numpy array: {first_line(e)}")
+        images = pixels_to_uint8(array, name)
+        labels = read_labels(cfg.labels, len(images)) if getattr(cfg, "labels", "") else None
     else:
         sys.exit(f"{PROG}: --dataset {name!r} is not cifar10, mnist, "
                  f"fashion-mnist, an existing folder of images or an existing .npy file")
     if images.dim() == 3:
         images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+    elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
-        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, "
-                 f"got shape {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2 or min(images.shape[2:]) < 1:
+        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, (N, H, W), (N, H, W, C) or "
+                 f"(N, C, H, W); got shape {tuple(images.shape)}")
     x = images.float() / 127.5 - 1  # uint8 [0, 255] -> float [-1, 1]   (N, C, H, W)
     if cfg.image_size and cfg.image_size != x.shape[-1]:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
-    return x.clamp(-1, 1).contiguous()
+    return x.clamp(-1, 1).contiguous(), labels
 # <<< shared: data
 
 
@@ -202,6 +282,17 @@ UNET_SIZES = {  # image size -> (channels, channel_mult); other sizes use the CI
     28: (64, "1,2,2"),  # MNIST / Fashion-MNIST: 28 -> 14 -> 7, 6.5M parameters
     16: (64, "1,2,2"),  # 16x16 sprites: 16 -> 8 -> 4, 6.5M parameters
 }
+
+
+def int_list(text: str, flag: str) -> list:
+    """'1,2,2' -> [1, 2, 2], every entry a positive integer; else one line naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        sys.exit(f"{PROG}: {flag} must be comma-separated positive integers such as 1,2,2, got {text!r}")
+    return values
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -279,8 +370,8 @@ class UNet(nn.Module):
         super().__init__()
         default_ch, default_mult = UNET_SIZES.get(image_size, UNET_SIZES[32])
         ch = channels or default_ch
-        mult = [int(m) for m in (channel_mult or default_mult).split(",")]
-        attn = [] if attn_res == "none" else [int(r) for r in attn_res.split(",")] if attn_res else [image_size // 2]
+        mult = int_list(channel_mult or default_mult, "--channel-mult")
+        attn = [] if attn_res == "none" else int_list(attn_res, "--attn-res") if attn_res else [image_size // 2]
         if image_size % 2 ** (len(mult) - 1):
             sys.exit(f"{PROG}: image size {image_size} cannot be halved "
                      f"{len(mult) - 1} times; use fewer entries in --channel-mult")
@@ -322,16 +413,16 @@ class UNet(nn.Module):
         for layer in self.up:  # Block: concatenate the matching skip on channels; else upsampler
             h = layer(torch.cat([h, skips.pop()], dim=1), temb) if isinstance(layer, Block) else layer(h)
         return self.out(h)  # (B, C, H, W): the predicted noise ε
-# <<< shared: unet
 
 
 def build_model(cfg: Config, image_channels: int) -> UNet:
     return UNet(image_channels, cfg.image_size, cfg.channels, cfg.channel_mult, cfg.num_res_blocks,
                 cfg.attn_res, cfg.dropout)
+# <<< shared: unet
 
 
 # =============================================================================================
-# 4. Objective: noise schedules, the forward process q(x_t | x_0), and L_simple
+# 4. Objective: noise schedules, the forward process q(x_t | x_0), and Algorithm 1's loss
 # =============================================================================================
 # >>> shared: diffusion
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
@@ -339,7 +430,7 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     if schedule == "linear":
         # Ho et al.: β rises linearly from 1e-4 to 0.02 over T = 1000 steps; for other T the
         # endpoints scale by 1000/T so that ᾱ_T, the signal left at the end, stays ≈ 4e-5
-        # (below T = 51 the last β's would pass 1, so they are capped at 0.999 as in cosine).
+        # (the top end 20/T would pass 1 for T < 20: the cap at 0.999, as for cosine, keeps β < 1).
         scale = 1000 / timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
     if schedule == "cosine":
@@ -360,16 +451,34 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: to
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def diffusion_loss(eps_model, x0: torch.Tensor, alpha_bar: torch.Tensor, generator=None,
-                   rows=slice(None)) -> torch.Tensor:
-    """L_simple (Eq. 14): E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t uniform.
+def draw_batch(data: torch.Tensor, cfg: Config, generator: torch.Generator, rows=slice(None)):
+    """Algorithm 1, lines 2-4: x_0 ~ q(x_0) (training images), t ~ Uniform({1..T}) (0-based here) and
+    ε ~ N(0, I), for a batch of --batch-size. Under torchrun every process draws the same numbers
+    (the same generator) and keeps its own `rows`, so W processes take the step one process would."""
+    B, device = cfg.batch_size, data.device
+    x0 = data[torch.randint(0, len(data), (B,), device=device, generator=generator)]  # (B, C, H, W)
+    if cfg.dataset == "cifar10":  # random horizontal flips, on CIFAR-10 only (as in the paper)
+        flip = torch.rand(B, 1, 1, 1, device=device, generator=generator) < 0.5
+        x0 = torch.where(flip, x0.flip(3), x0)
+    t = torch.randint(0, cfg.timesteps, (B,), device=device, generator=generator)  # (B,)
+    eps = torch.randn(x0.shape, device=device, generator=generator)  # (B, C, H, W)
+    return x0[rows], t[rows], eps[rows]
 
-    t and ε are drawn for the whole batch x0, then only its `rows` go through the network: under
-    torchrun, every process draws the same numbers and takes its own share (all rows without it)."""
-    t = torch.randint(0, len(alpha_bar), (len(x0),), device=x0.device, generator=generator)  # (B,)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)  # (B, C, H, W)
-    x0, t, eps = x0[rows], t[rows], eps[rows]  # this process's share: (B / processes, ...)
+
+def diffusion_loss(eps_model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, line 5 (L_simple, Eq. 14): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², the batch mean."""
     return F.mse_loss(eps_model(q_sample(x0, t, eps, alpha_bar), t), eps)
+
+
+def lr_factor(cfg: Config, s: int) -> float:
+    """Step s (0-based) trains with learning rate --lr · lr_factor(cfg, s)."""
+    # linear warm-up (paper):  min(1, (s + 1) / warmup)
+    warm = min(1.0, (s + 1) / max(1, cfg.warmup))
+    if cfg.lr_decay == "none":
+        return warm
+    # --lr-decay cosine:  × ½(1 + cos(π s / steps)), ≈ 0 by the last step, so a short run ends at rest
+    return warm * (0.5 + 0.5 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
 # <<< shared: diffusion
 
 
@@ -386,53 +495,380 @@ def q_posterior(x0, x_t, t: int, betas: torch.Tensor):
 
 
 # =============================================================================================
-# 5. Sampler: the reverse process (Ho et al., Algorithm 2)
+# 5. Sampler: the reverse process (Ho et al., Algorithm 2, with the predicted x_0 clipped)
 # =============================================================================================
 @torch.no_grad()
 def sample(eps_model, shape, betas, generator=None, x_T=None, var="beta", clip_x0=True,
            device="cpu", on_step=None) -> torch.Tensor:
     """Generate images by running the learned reverse chain x_T → x_{T−1} → … → x_0.
 
-    eps_model(x_t, t) -> ε for t a LongTensor [B] of 0-based steps; x_T: starting noise
+    Each step predicts x̂_0 from ε_θ (Eq. 15), clips it to [−1, 1] (clip_x0, as the paper's code does)
+    and steps with the true posterior q(x_{t−1} | x_t, x̂_0) (Eq. 7). Unclipped, that is exactly
+    Algorithm 2. eps_model(x_t, t) -> ε for t a LongTensor [B] of 0-based steps; x_T: starting noise
     (drawn from `generator` if None); var: σ_t² = β_t ("beta") or β̃_t ("beta_tilde");
     on_step(t, x_t, x0_pred), if given, is called at every step (for the teaching strips)."""
-    T = len(betas)
     alpha_bar = torch.cumprod(1 - betas, 0).tolist()  # float64 arithmetic below, on Python floats
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
-    for t in reversed(range(T)):
-        ab_t, ab_prev, beta_t = alpha_bar[t], (alpha_bar[t - 1] if t > 0 else 1.0), betas[t].item()
+    for t in reversed(range(len(betas))):
         eps = eps_model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).float()
-        # Eq. 4 solved for x_0:  x̂_0 = (x_t − √(1−ᾱ_t) · ε_θ) / √ᾱ_t
-        x0_pred = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+        # Eq. 15 (Eq. 4 solved for x_0):  x̂_0 = (x_t − √(1−ᾱ_t) · ε_θ) / √ᾱ_t
+        x0_pred = (x - math.sqrt(1 - alpha_bar[t]) * eps) / math.sqrt(alpha_bar[t])
         if clip_x0:
-            x0_pred = x0_pred.clamp(-1, 1)  # images live in [-1, 1]; the paper's code clips too
+            x0_pred = x0_pred.clamp(-1, 1)  # images live in [-1, 1]
         if on_step is not None:
             on_step(t, x, x0_pred)
-        # Eq. 7: the mean of q(x_{t−1} | x_t, x̂_0). Unclipped, it equals Algorithm 2's
-        # 1/√α_t · (x_t − β_t/√(1−ᾱ_t) · ε_θ).
-        mean = (math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0_pred \
-            + (math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * x
+        # p_θ(x_{t−1} | x_t) = q(x_{t−1} | x_t, x̂_0): the posterior of Eq. 7 with x̂_0 for x_0. Unclipped,
+        # its mean is Eq. 11's μ_θ = 1/√α_t · (x_t − β_t/√(1−ᾱ_t) · ε_θ), Algorithm 2's line 4.
+        mean, posterior_var = q_posterior(x0_pred, x, t, betas)
         if t == 0:
             return mean  # Algorithm 2: no noise is added at the last step
-        # σ_t² = β_t (upper bound on the reverse variance) or β̃_t (lower bound): Sec. 3.2
-        sigma = math.sqrt(beta_t if var == "beta" else (1 - ab_prev) / (1 - ab_t) * beta_t)
+        # σ_t² = β_t or β̃_t: the two extremes of Sec. 3.2 (optimal for x_0 ~ N(0, I), and for x_0 one point)
+        sigma = math.sqrt(betas[t].item() if var == "beta" else posterior_var)
         x = mean + sigma * torch.randn(x.shape, generator=generator, device=device)
 
 
 SAMPLER_FIELDS = ("timesteps", "var", "clip_x0")  # what describes a sample in fid.csv
 
 
-def generate(model, cfg: Config, n: int, shape, device, generator) -> torch.Tensor:
-    """n images from the reverse chain, in batches of --batch-size: (n, C, H, W) in [-1, 1]."""
-    betas = make_betas(cfg.schedule, cfg.timesteps)
+def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
+    """This script's sampler with cfg's settings; it calls the network cfg.timesteps times."""
+    return sample(model, shape, make_betas(cfg.schedule, cfg.timesteps), generator, var=cfg.var,
+                  clip_x0=cfg.clip_x0, device=device, on_step=on_step)
+
+
+def network_calls(cfg: Config) -> int:
+    return cfg.timesteps
+
+
+# >>> shared: generate
+
+
+def generate(model, cfg: Config, n: int, shape, device, generator, label: str = "sampling") -> torch.Tensor:
+    """n images from the sampler, in batches of --batch-size, with a progress line: (n, C, H, W) in [-1, 1]."""
+    progress, images, calls = Progress(f"{label} ({network_calls(cfg)} network calls per image)", n), [], 0
+
+    def tick(*_):  # on_step: one network call done, for the whole batch
+        nonlocal calls
+        calls += 1
+        progress.update(len(images) * cfg.batch_size + b * calls / network_calls(cfg))
     with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-        return torch.cat([sample(model, (min(cfg.batch_size, n - i), *shape), betas, generator,
-                                 var=cfg.var, clip_x0=cfg.clip_x0, device=device)
-                          for i in range(0, n, cfg.batch_size)])
+        for i in range(0, n, cfg.batch_size):
+            b, calls = min(cfg.batch_size, n - i), 0
+            images.append(sample_with(cfg, model, (b, *shape), generator, device, on_step=tick).float())
+    progress.update(n)
+    return torch.cat(images)
+# <<< shared: generate
 
 
 # =============================================================================================
-# 6. Train
+# 6. Train: Algorithm 1, then the plumbing around it (a first reading can stop after train())
+# =============================================================================================
+# >>> shared: train
+def train(cfg: Config) -> None:
+    """Algorithm 1: repeat { x_0 ~ q(x_0), t ~ Uniform({1..T}), ε ~ N(0, I); take a gradient step on
+    ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² }, keeping an average of the weights (EMA) for sampling."""
+    with Run(cfg, needs=("model", "ema", "optimizer", "warmup", "rng_batches")) as run:
+        cfg, device = run.cfg, run.device
+        data, labels = get_data(cfg)  # (N, C, H, W) in [-1, 1], and (N,) labels or None
+        data = data.to(device)  # resident on the device
+        cfg.image_size = data.shape[-1]
+        run.start(images=len(data), batch_per_process=cfg.batch_size // run.world)
+
+        # --- core: the network, its EMA copy, the optimiser, the noise schedule ---
+        model = build_model(cfg, data.shape[1]).to(device)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+        alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).float().to(device)  # ᾱ_t
+        batches = torch.Generator(device).manual_seed(cfg.seed)  # the same in every process: x_0, t and ε
+        step = run.restore(model=model, ema=ema, optimizer=optimizer, warmup=warmup, rng_batches=batches)
+        net = run.wrap(model)  # torchrun: DDP, which averages the gradients; --compile: compiled. Same weights.
+        run.describe(model, note=f"{cfg.schedule} schedule, T={cfg.timesteps}")
+        while step < cfg.steps:
+            # --- core: one step of Algorithm 1 ---
+            model.train()
+            x0, t, eps = draw_batch(data, cfg, batches, run.rows)  # lines 2-4 (this process's share)
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
+                loss = diffusion_loss(net, x0, t, eps, alpha_bar)  # line 5: ‖ε − ε_θ(x_t, t)‖²
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under torchrun, DDP averages the gradients over the processes here
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            warmup.step()
+            # EMA:  θ_ema ← d · θ_ema + (1 − d) · θ,  d = min(decay, (1 + step)/(10 + step)): the warm-up
+            # keeps early averages from clinging to the random init (0.9999⁵⁰⁰⁰ = 0.6 would still be init)
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one fused call
+            step += 1
+
+            # --- plumbing (class Run, below): the log, grids from fixed noise, checkpoints, Ctrl-C ---
+            run.log(step, loss=loss.detach(), lr=warmup.get_last_lr()[0])
+            if run.due(step, cfg.sample_every):
+                run.save_grid(step, lambda: generate(ema, cfg, 64, data.shape[1:], device, run.fixed_noise(),
+                                                     label=f"sample grid at step {step}"))
+            if run.stopping(step) or run.due(step, cfg.ckpt_every):
+                run.save(step)  # after Ctrl-C or SIGTERM, this also ends the run (how to continue: --resume)
+        if cfg.fid and run.rank == 0:
+            run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(1), "--fid"),
+                    run.dir, step)
+# <<< shared: train
+
+
+# >>> shared: run
+class Run:
+    """Everything around a training loop that is not the algorithm: processes and device, the run directory,
+    resuming, the log (stdout and metrics.csv), checkpoints, and a clean stop on Ctrl-C or SIGTERM, which saves
+    a checkpoint at the current step. Only process 0 (torchrun's first, or the only one) writes files."""
+
+    def __init__(self, cfg, needs: tuple = ()):
+        # torchrun starts one process per GPU and sets RANK (which one), WORLD_SIZE (how many) and
+        # LOCAL_RANK (which GPU of this machine); under plain python there is one: rank 0 of 1
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.rows = slice(self.rank, None, self.world)  # this process's rows of each batch: rank, rank + W, ...
+        self.device = pick_device(cfg.device)
+        if cfg.batch_size % self.world:  # --batch-size is the global batch: the run is the same on 1 or 8 GPUs
+            sys.exit(f"{PROG}: --batch-size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
+        self.dir = cfg.out or f"runs/{PROG}-{os.path.basename(cfg.dataset.rstrip('/')).removesuffix('.npy')}"
+        self.ckpt_path = cfg.ckpt or os.path.join(self.dir, "ckpt.pt")
+        if not cfg.resume and os.path.exists(self.ckpt_path):  # never overwrite a trained model by accident
+            sys.exit(f"{PROG}: {self.ckpt_path} exists; pass --resume to continue that run or --out NEW_DIR to start anew")
+        self.state = load_checkpoint(self.ckpt_path) if cfg.resume else None
+        missing = [k for k in (*needs, "rng_cpu") if self.state and k not in self.state]
+        if missing:  # e.g. written by an older version: it can be sampled, not resumed
+            sys.exit(f"{PROG}: {self.ckpt_path} lacks {', '.join(missing)} and cannot be resumed; use --out NEW_DIR "
+                     "to start anew (--sample still reads it)")
+        if self.state:  # what the networks are is fixed by the checkpoint
+            cfg = dataclasses.replace(cfg, **{k: self.state["config"][k] for k in ARCH_FIELDS})
+        self.cfg, self.step0 = cfg, self.state["step"] if self.state else 0
+        self.signal, self.metrics, self.saved, self.sums, self.count = None, None, self.step0 or None, None, 0
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(cfg.seed + self.rank)  # each process its own dropout masks
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls/convs
+
+    def __enter__(self):  # Ctrl-C (SIGINT) and SIGTERM only raise a flag: the loop saves, then stops
+        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def on_signal(self, number, frame):
+        if self.signal:  # a second Ctrl-C stops at once (the checkpoint on disk is intact)
+            sys.exit(f"{PROG}: stopped at once by a second {self.signal}; the last checkpoint is {self.ckpt_path}")
+        self.signal = signal.Signals(number).name
+
+    def __exit__(self, *error):
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+        if self.metrics:
+            self.metrics.close()
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def start(self, **facts) -> None:
+        """config.json and samples/; on resume, grids from after the checkpoint (a killed run's) are removed."""
+        if self.rank == 0:
+            os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
+            for name in os.listdir(os.path.join(self.dir, "samples")):
+                if re.fullmatch(r"step_\d+\.png", name) and int(name[5:-4]) > self.step0:
+                    os.remove(os.path.join(self.dir, "samples", name))
+            with open(os.path.join(self.dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(self.cfg) | {"processes": self.world} | facts, f, indent=2)
+        self.start_time = self.last_time = time.time()
+
+    def restore(self, **objects) -> int:
+        """Remember what a checkpoint holds (networks, optimisers, schedulers, generators, by name); on resume,
+        load them and the random state, and take a new --lr if one is given. Returns the step to continue from."""
+        self.objects, self.last_step = objects, self.step0
+        if not self.state:
+            return 0
+        for name, thing in objects.items():
+            getattr(thing, "set_state" if isinstance(thing, torch.Generator) else "load_state_dict")(self.state[name])
+        if self.rank == 0:  # process 0 continues its dropout masks too (the others start fresh ones)
+            torch.set_rng_state(self.state["rng_cpu"])
+            if self.device.type == "cuda" and self.state.get("rng_cuda", torch.empty(0)).numel():
+                torch.cuda.set_rng_state(self.state["rng_cuda"])
+        self.sums, self.count = self.state.get("log_sums") or (None, 0)  # a log row cut short by a stop
+        for thing in objects.values():  # --lr as given now (the same value changes nothing)
+            for group in getattr(thing, "param_groups", []):
+                group["lr"] = self.cfg.lr
+        for s in (s for s in objects.values() if isinstance(s, torch.optim.lr_scheduler.LambdaLR)):
+            s.base_lrs = [self.cfg.lr] * len(s.base_lrs)
+            for group, factor in zip(s.optimizer.param_groups, s.lr_lambdas):
+                group["lr"] = self.cfg.lr * factor(s.last_epoch)
+        self.print(f"resumed from {self.ckpt_path} at step {self.step0} (learning rate {self.cfg.lr:g}, "
+                   f"was {self.state['config']['lr']:g})")
+        return self.step0
+
+    def wrap(self, model):
+        """The network as the loop calls it: DDP under torchrun (it averages the gradients in backward()),
+        compiled with --compile. Both share `model`'s weights, which is what checkpoints save."""
+        net = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        return torch.compile(net) if self.cfg.compile else net
+
+    def describe(self, *models, note: str = "") -> None:
+        millions = " + ".join(f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for m in models)
+        self.print(f"{millions} parameters | {os.path.basename(self.cfg.dataset)} {self.cfg.image_size}px | {self.device} | "
+                   f"{'bf16' if use_bf16(self.cfg, self.device) else 'fp32'} | {note} | batch {self.cfg.batch_size}"
+                   + (f" = {self.world} processes × {self.cfg.batch_size // self.world}" if self.world > 1 else ""))
+
+    def print(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def due(self, step: int, every: int) -> bool:  # for what only process 0 does: grids, checkpoints
+        return self.rank == 0 and (step % every == 0 or step == self.cfg.steps)
+
+    def fixed_noise(self, offset: int = 0) -> torch.Generator:  # the same noise every time: grids show progress
+        return torch.Generator(self.device).manual_seed(self.cfg.seed + offset)
+
+    def diverged(self, step: int, what: str):
+        kept = (f"{self.ckpt_path} holds the last good one (step {self.saved}); lower --lr and continue with "
+                "--resume --lr NEW_LR") if self.saved else "no checkpoint was written; lower --lr and start again"
+        sys.exit(f"{PROG}: training diverged by step {step} ({what}); {kept}")
+
+    def log(self, step: int, **values) -> None:
+        """Add this step's values to running sums (tensors stay on the device: no synchronisation); every
+        --log-every steps print their means with the speed, write a row of metrics.csv, and check them."""
+        tensors = torch.stack([v.float() for v in values.values() if torch.is_tensor(v)])
+        self.sums, self.count = (tensors if self.sums is None else self.sums + tensors), self.count + 1
+        if step % self.cfg.log_every and step != self.cfg.steps:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.sums)  # the sum over every process, in every process
+        means = iter((self.sums / self.count / self.world).tolist())
+        row = {k: next(means) if torch.is_tensor(v) else v for k, v in values.items()}
+        if not all(map(math.isfinite, row.values())):
+            self.diverged(step, ", ".join(f"{k} {v}" for k, v in row.items()))
+        now = time.time()
+        speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last_time)
+        self.print(f"step {step:>7}/{self.cfg.steps} | " + " | ".join(f"{k} {v:#.4g}" for k, v in row.items())
+                   + f" | {speed:7.1f} img/s | ETA {(self.cfg.steps - step) * self.cfg.batch_size / speed / 3600:5.2f} h")
+        if self.rank == 0:
+            self.metrics = self.metrics or open_metrics(os.path.join(self.dir, "metrics.csv"), self.step0,
+                                                        ["step", *row, "images_per_s", "elapsed_s"])
+            csv.writer(self.metrics).writerow([step, *(f"{v:.6g}" for v in row.values()), f"{speed:.1f}",
+                                               f"{now - self.start_time:.1f}"])
+            self.metrics.flush()
+        self.sums, self.count, self.last_time, self.last_step = None, 0, now, step
+
+    def stopping(self, step: int) -> bool:
+        """Has Ctrl-C or SIGTERM asked us to stop? Under torchrun the processes agree on it at log steps."""
+        if self.world == 1:
+            return self.signal is not None
+        if step % self.cfg.log_every and step != self.cfg.steps:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signal = self.signal or ("SIGTERM" if flag.item() else None)
+        return self.signal is not None
+
+    def save(self, step: int, path: str = "", **extra) -> None:
+        """Checkpoint what restore() named, the step, the config and the random state, if every weight is
+        finite (a diverged run keeps its last good checkpoint). After a stop signal, this ends the run."""
+        if self.rank == 0:
+            weights = [w for m in self.objects.values() if isinstance(m, nn.Module) for w in m.state_dict().values()]
+            if not torch.stack([w.float().isfinite().all() for w in weights]).all():  # one synchronisation
+                self.diverged(step, "NaN or infinite weights")
+            save_checkpoint(path or self.ckpt_path, extra | {
+                k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict() for k, v in self.objects.items()
+            } | {"step": step, "config": dataclasses.asdict(self.cfg), "script": PROG, "log_sums": (self.sums, self.count),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0)})
+            self.saved = self.saved if path else step
+        if self.signal and not path:
+            sys.exit(f"{PROG}: stopped by {self.signal} at step {step}; continue with the same command and --resume")
+        if step == self.cfg.steps and not path:
+            self.print(f"done: {step} steps in {(time.time() - self.start_time) / 60:.1f} min; run in {self.dir}")
+
+    def save_grid(self, step: int, make_images) -> None:
+        """samples/step_N.png from make_images(), and progression.png; their time does not count as training."""
+        start = time.time()
+        save_grid(make_images(), os.path.join(self.dir, "samples", f"step_{step:07d}.png"))
+        stack_progression(os.path.join(self.dir, "samples"), os.path.join(self.dir, "progression.png"))
+        self.last_time += time.time() - start  # the speed and the ETA count training steps only
+# <<< shared: run
+
+
+# =============================================================================================
+# 7. Main: train, or generate from a checkpoint
+# =============================================================================================
+# >>> shared: sample_mode
+def load_for_sampling(cfg: Config):
+    """The EMA network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
+    state = load_checkpoint(cfg.ckpt, needs=("ema", "config", "step"))
+    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
+    channels = state["ema"]["conv_in.weight"].shape[1]
+    model = build_model(cfg, channels)
+    model.load_state_dict(state["ema"])
+    return model.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state
+
+
+def sample_mode(cfg: Config) -> None:
+    """--sample: N PNGs and a grid from a checkpoint, with the sampling speed (and FID with --fid)."""
+    device = pick_device(cfg.device)
+    model, cfg, shape, state = load_for_sampling(cfg)
+    run_dir = cfg.out or sample_dir(cfg, state)
+    n = max(cfg.num_samples, cfg.fid)
+    start = time.time()
+    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed)).cpu()
+    seconds = time.time() - start  # .cpu() waited for the device to finish: the clock is honest
+    save_pngs(images, os.path.join(run_dir, "generated"))
+    save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
+    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
+          + " ".join(f"{k}={getattr(cfg, k)}" for k in SAMPLER_FIELDS) + f") -> {run_dir}/generated/")
+    if cfg.fid:
+        run_fid(cfg, images[:cfg.fid], run_dir, state["step"])
+# <<< shared: sample_mode
+
+
+# >>> shared: visualize
+def visualize(cfg: Config) -> None:
+    """forward.png: one image at 10 noise levels; reverse.png: x_t (top) and x̂_0 (bottom) along the sampler's chain."""
+    device = pick_device(cfg.device)
+    if cfg.ckpt:
+        model, cfg, shape, state = load_for_sampling(cfg)
+    run_dir = cfg.out or (sample_dir(cfg, state) if cfg.ckpt else f"runs/{PROG}-visualize")
+    os.makedirs(run_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    x0 = get_data(cfg)[0][:1]  # (1, C, H, W): the first training image
+    steps = torch.linspace(0, cfg.timesteps - 1, 10).round().long()  # 10 points along the chain
+    alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0)
+    save_grid(q_sample(x0.expand(10, -1, -1, -1), steps, torch.randn(10, *x0.shape[1:]), alpha_bar),
+              os.path.join(run_dir, "forward.png"), nrow=10)
+    print(f"wrote {run_dir}/forward.png: x_t at t = {steps.tolist()}")
+    if cfg.ckpt:
+        chain = []  # (t, x_t, predicted x_0) at every step of the sampler
+        sample_with(cfg, model.to(device), (1, *shape), torch.Generator(device).manual_seed(cfg.seed), device,
+                    on_step=lambda t, x, x0_pred: chain.append((t, x, x0_pred)))
+        chain = [chain[i] for i in sorted(set(torch.linspace(0, len(chain) - 1, 10).round().long().tolist()))]
+        save_grid(torch.cat([x for _, x, _ in chain] + [x0_pred for _, _, x0_pred in chain]),
+                  os.path.join(run_dir, "reverse.png"), nrow=len(chain))
+        print(f"wrote {run_dir}/reverse.png: x_t (top row) and predicted x_0 (bottom row) at t = "
+              f"{[t for t, _, _ in chain]}")
+# <<< shared: visualize
+
+
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.channel_mult:
+        int_list(cfg.channel_mult, "--channel-mult")
+    if cfg.attn_res not in ("", "none"):
+        int_list(cfg.attn_res, "--attn-res")
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
+    if cfg.visualize:
+        visualize(cfg)
+    elif cfg.sample:
+        sample_mode(cfg)
+    else:
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing shared by every script: devices, files, checkpoints, progress (a first reading can skip it)
 # =============================================================================================
 # >>> shared: plumbing
 def pick_device(name: str) -> torch.device:
@@ -443,36 +879,79 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def use_bf16(cfg: Config, device: torch.device) -> bool:
+def use_bf16(cfg, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a kill mid-write never leaves a broken ckpt.pt."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temporary file, then rename: a kill (or a full disk) mid-write never leaves a broken ckpt.pt."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        sys.exit(f"{PROG}: cannot write {path} ({first_line(e)}; {free:.0f} MiB free on that disk): "
+                 f"the previous checkpoint is intact; free some space and continue with --resume")
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, needs: tuple = ("config", "step")) -> dict:
+    """A checkpoint of a script in READS, with the keys `needs`; else one line saying what the file is."""
     if not os.path.isfile(path):
         sys.exit(f"{PROG}: checkpoint {path} does not exist; train first, or pass --ckpt RUN/ckpt.pt")
+    if os.path.getsize(path) == 0:
+        sys.exit(f"{PROG}: checkpoint {path} is empty (0 bytes): a copy or a download cut short?")
     try:  # weights_only: a checkpoint from a stranger cannot run code when loaded
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        sys.exit(f"{PROG}: cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        sys.exit(f"{PROG}: cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}")
+    writer = state.get("script", guess_writer(state)) if isinstance(state, dict) else None
+    if writer not in READS or not all(k in state for k in needs):
+        what = f"was written by {writer}.py" if writer else f"is {describe_object(state)}"
+        sys.exit(f"{PROG}: {path} {what}, not a checkpoint of {' or '.join(s + '.py' for s in READS)}"
+                 + (f"; use {writer}.py with it" if writer else ""))
+    return state
+
+
+def guess_writer(state: dict):
+    """Which script wrote a checkpoint that predates the "script" entry, from the entries it has."""
+    keys = set(state)
+    for script, entries in (("ddpm", {"ema", "model"}), ("dcgan", {"generator", "discriminator"}),
+                            ("vaegan", {"model", "optimizers"}), ("vae", {"model", "optimizer"})):
+        if entries <= keys and "config" in keys:
+            return script  # (ddim.py writes the same entries as ddpm.py)
+    return None
+
+
+def describe_object(thing) -> str:
+    if isinstance(thing, dict):
+        return "a bare state_dict (weights only)" if thing and all(map(torch.is_tensor, thing.values())) \
+            else f"a dict with keys {', '.join(sorted(map(str, thing))[:5]) or 'none'}"
+    return f"a {type(thing).__name__}"
 
 
 def open_metrics(path: str, step: int, header: list):
-    """metrics.csv, open for appending rows. On resume, rows logged after the checkpoint's step
-    are dropped (they will be logged again), so the file always tells one consistent history."""
-    rows = list(csv.reader(open(path))) if step and os.path.exists(path) else []
-    f = open(path, "w", newline="")
-    csv.writer(f).writerows([header] + [r for r in rows[1:] if int(r[0]) <= step])
-    return f
+    """metrics.csv, open for appending. On resume, rows logged after the checkpoint's step are dropped
+    (they will be logged again); the file is rewritten to a temporary file and renamed, so a kill at
+    any moment leaves either the old file or the new one, never a shorter one."""
+    rows = []
+    if step and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a", newline="")
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int = 8) -> None:
     import torchvision
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torchvision.utils.save_image(x.float().cpu() * 0.5 + 0.5, path, nrow=nrow)  # [-1, 1] -> [0, 1]
 
 
@@ -480,7 +959,7 @@ def save_pngs(x: torch.Tensor, folder: str) -> None:
     """One PNG per image (000000.png, ...), the format FID tools read."""
     from PIL import Image
     os.makedirs(folder, exist_ok=True)
-    for old in os.listdir(folder):  # drop an earlier run's images, or an FID tool would count them
+    for old in os.listdir(folder):  # drop this script's earlier images there, or an FID tool would count them
         if re.fullmatch(r"\d{6}\.png", old):
             os.remove(os.path.join(folder, old))
     pixels = ((x.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -488,11 +967,25 @@ def save_pngs(x: torch.Tensor, folder: str) -> None:
         Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(os.path.join(folder, f"{i:06d}.png"))
 
 
+def sample_dir(cfg, state: dict) -> str:
+    """Where --sample writes: the checkpoint's folder if this script wrote it, else a subfolder named after
+    this script (and --out anywhere), so that sampling another script's run never replaces its files."""
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    return folder if state.get("script", guess_writer(state)) == PROG else os.path.join(folder, f"{PROG}-samples")
+
+
 def stack_progression(folder: str, out_path: str) -> None:
     """Stack the first row of every samples/step_N.png into one image: samples over training."""
     from PIL import Image
-    grids = [Image.open(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
-             if re.fullmatch(r"step_\d+\.png", f)]
+    grids = []
+    for name in sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d+\.png", f)):
+        try:  # a grid cut short by a kill is skipped, not fatal
+            with Image.open(os.path.join(folder, name)) as grid:
+                grids.append(grid.convert("RGB"))
+        except OSError:
+            pass
+    if not grids:
+        return
     height = (grids[0].width - 2) // 8 + 2  # save_grid: 8 tiles a row with 2-pixel padding
     canvas = Image.new("RGB", (grids[0].width, height * len(grids)))
     for i, grid in enumerate(grids):
@@ -500,7 +993,7 @@ def stack_progression(folder: str, out_path: str) -> None:
     canvas.save(out_path)
 
 
-def run_fid(cfg: Config, images: torch.Tensor, run_dir: str, step: int) -> float:
+def run_fid(cfg, images: torch.Tensor, run_dir: str, step: int) -> float:
     """FID of generated images against the training set, printed and appended to fid.csv.
     fid.py is imported only here: the scripts need it only when --fid is asked for."""
     import fid
@@ -521,225 +1014,31 @@ def run_fid(cfg: Config, images: torch.Tensor, run_dir: str, step: int) -> float
 # <<< shared: plumbing
 
 
-# >>> shared: train
-def train(cfg: Config) -> None:
-    # --- plumbing: processes. torchrun starts one per GPU and sets RANK (which one), WORLD_SIZE (how
-    # many) and LOCAL_RANK (which GPU of this machine); under plain python there is one: rank 0 of 1 ---
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(cfg.device)
-    if cfg.batch_size % world:  # --batch-size is the global batch: the run is the same on 1 or 8 GPUs
-        sys.exit(f"{PROG}: --batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # --- plumbing: run directory, checkpoint to resume, data ---
-    run_dir = cfg.out or f"runs/{PROG}-{os.path.basename(cfg.dataset.rstrip('/')).removesuffix('.npy')}"
-    ckpt_path = cfg.ckpt or os.path.join(run_dir, "ckpt.pt")
-    if not cfg.resume and os.path.exists(ckpt_path):  # never overwrite a trained model by accident
-        sys.exit(f"{PROG}: {ckpt_path} exists; pass --resume to continue that run or --out NEW_DIR to start anew")
-    state = load_checkpoint(ckpt_path) if cfg.resume else None
-    needed = {"model", "ema", "optimizer", "warmup", "step", "config", "rng_batches", "rng_cpu"}
-    if state and not needed <= state.keys():  # e.g. written by an older version: it can be sampled, not resumed
-        sys.exit(f"{PROG}: {ckpt_path} lacks {', '.join(sorted(needed - state.keys()))} and cannot be resumed; "
-                 "use --out NEW_DIR to start anew")
-    if state:  # the network and the diffusion are fixed by the checkpoint
-        cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
-    torch.manual_seed(cfg.seed + rank)  # each process its own dropout masks
-    batches = torch.Generator(device).manual_seed(cfg.seed)  # the same in every process: draws the batches
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls/convs
-    data = get_data(cfg).to(device)  # (N, C, H, W) in [-1, 1], resident on the device
-    cfg.image_size = data.shape[-1]
-    if rank == 0:  # only process 0 writes files and prints
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"processes": world, "batch_per_process": cfg.batch_size // world},
-                      f, indent=2)  # batch_size is the global batch
+# >>> shared: progress
+class Progress:
+    """'sampling: 1200/2000 (60%) | 3.4 img/s | ETA 3m52s' for a long wait: rewritten in place on a
+    terminal; in a file or a CI log, a new line every PROGRESS_EVERY seconds (10) and one at the end."""
+    EVERY = float(os.environ.get("PROGRESS_EVERY", 10))
 
-    # --- core: the network, its EMA copy, the optimiser, the noise schedule ---
-    model = build_model(cfg, data.shape[1]).to(device)
-    # torchrun: DDP gives every process process 0's weights, and averages the gradients in backward()
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
-    def lr_factor(s: int) -> float:  # step s (0-based) trains with learning rate lr · lr_factor(s)
-        # linear warm-up (paper):  min(1, (s + 1) / warmup)
-        warm = min(1.0, (s + 1) / max(1, cfg.warmup))
-        if cfg.lr_decay == "none":
-            return warm
-        # --lr-decay cosine:  × ½(1 + cos(π s / steps)), ≈ 0 by the last step, so a short run ends at rest
-        return warm * (0.5 + 0.5 * math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)  # ("warmup": its name in checkpoints)
-    alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).to(device)  # ᾱ_t, float64
-    step = 0
-    if state:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        warmup.load_state_dict(state["warmup"])
-        step = state["step"]
-        batches.set_state(state["rng_batches"])  # the batches, t and ε an unbroken run would have drawn
-        if rank == 0:  # and its dropout masks (other processes continue with fresh ones)
-            torch.set_rng_state(state["rng_cpu"])
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(state["rng_cuda"])
-            print(f"resumed from {ckpt_path} at step {step}")
-    train_model = torch.compile(train_model) if cfg.compile else train_model  # shares the weights; we save `model`
-    if rank == 0:
-        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(data)} images "
-              f"{tuple(data.shape[1:])} | {device} | {'bf16' if use_bf16(cfg, device) else 'fp32'} | "
-              f"{cfg.schedule} schedule, T={cfg.timesteps} | batch {cfg.batch_size}"
-              + (f" = {world} processes × {cfg.batch_size // world}" if world > 1 else ""))
+    def __init__(self, label: str, total: int, unit: str = "img"):
+        self.label, self.total, self.unit, self.shown, self.done = label, total, unit, False, False
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "warmup": warmup.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-            "rng_batches": batches.get_state(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.empty(0)})
-
-    def sample_grid():  # the same x_T and z's every time: the grids show progress, not luck
-        generator = torch.Generator(device).manual_seed(cfg.seed)
-        save_grid(generate(ema, cfg, 64, data.shape[1:], device, generator),
-                  os.path.join(run_dir, "samples", f"step_{step:07d}.png"))
-        stack_progression(os.path.join(run_dir, "samples"), os.path.join(run_dir, "progression.png"))
-
-    if rank == 0:
-        metrics = open_metrics(os.path.join(run_dir, "metrics.csv"), step,
-                               ["step", "loss", "lr", "images_per_s", "elapsed_s"])
-        writer = csv.writer(metrics)
-    rows = slice(rank, None, world)  # this process's share of each batch: rows rank, rank + W, … (W = world)
-    loss_sum, start, last_time, last_step = torch.zeros((), device=device), time.time(), time.time(), step
-    while step < cfg.steps:
-        # --- core: one training step ---
-        # Every process draws the same batch of B images, flips, t and ε (from `batches`) and trains on its
-        # own rows: W processes take exactly the step that one process takes on the whole batch.
-        model.train()
-        x0 = data[torch.randint(0, len(data), (cfg.batch_size,), device=device, generator=batches)]  # (B, C, H, W)
-        if cfg.dataset == "cifar10":  # random horizontal flips, on CIFAR-10 only (as in the paper)
-            flip = torch.rand(cfg.batch_size, 1, 1, 1, device=device, generator=batches) < 0.5
-            x0 = torch.where(flip, x0.flip(3), x0)
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-            loss = diffusion_loss(train_model, x0, alpha_bar, batches, rows)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under torchrun, DDP averages the gradients over the processes here
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        warmup.step()
-        # EMA:  θ_ema ← d · θ_ema + (1 − d) · θ,  d = min(decay, (1 + step)/(10 + step)): the warm-up
-        # keeps early averages from clinging to the random init (0.9999⁵⁰⁰⁰ = 0.6 would still be init)
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one fused call
-        loss_sum += loss.detach()  # stays on the device: no host-device synchronisation until we log
-        step += 1
-
-        # --- plumbing: log, sample, checkpoint ---
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            if world > 1:
-                torch.distributed.all_reduce(loss_sum)  # the sum of every process's loss, in every process
-            mean_loss = loss_sum.item() / (step - last_step) / world
-            if not math.isfinite(mean_loss):
-                sys.exit(f"{PROG}: the loss became {mean_loss} by step {step}; lower --lr and run again "
-                         f"with --resume (it continues from the last checkpoint, written before this)")
-            now = time.time()
-            speed = (step - last_step) * cfg.batch_size / (now - last_time)
-            if rank == 0:
-                print(f"step {step:>7}/{cfg.steps} | loss {mean_loss:.4f} | {speed:7.1f} img/s | "
-                      f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 3600:5.2f} h", flush=True)
-                writer.writerow([step, f"{mean_loss:.6f}", f"{warmup.get_last_lr()[0]:.3e}", f"{speed:.1f}",
-                                 f"{now - start:.1f}"])
-                metrics.flush()
-            loss_sum.zero_()
-            last_time, last_step = now, step
-        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-            sample_grid()
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            checkpoint()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    if rank == 0:
-        metrics.close()
-        print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min; run in {run_dir}")
-        if cfg.fid:
-            run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device,
-                                  torch.Generator(device).manual_seed(cfg.seed + 1)), run_dir, step)
-# <<< shared: train
-
-
-# =============================================================================================
-# 7. Main: train, or generate from a checkpoint
-# =============================================================================================
-# >>> shared: sample_mode
-def load_for_sampling(cfg: Config):
-    """The EMA network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
-    state = load_checkpoint(cfg.ckpt)
-    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
-    channels = state["ema"]["conv_in.weight"].shape[1]
-    model = build_model(cfg, channels)
-    model.load_state_dict(state["ema"])
-    return model.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state["step"]
-
-
-def sample_mode(cfg: Config) -> None:
-    """--sample: N PNGs and a grid from a checkpoint, with the sampling speed (and FID with --fid)."""
-    device = pick_device(cfg.device)
-    model, cfg, shape, step = load_for_sampling(cfg)
-    run_dir = cfg.out or os.path.dirname(os.path.abspath(cfg.ckpt))
-    n = max(cfg.num_samples, cfg.fid)
-    start = time.time()
-    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed)).cpu()
-    seconds = time.time() - start  # .cpu() waited for the device to finish: the clock is honest
-    save_pngs(images, os.path.join(run_dir, "generated"))
-    save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
-    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
-          + " ".join(f"{k}={getattr(cfg, k)}" for k in SAMPLER_FIELDS) + f") -> {run_dir}/generated/")
-    if cfg.fid:
-        run_fid(cfg, images[:cfg.fid], run_dir, step)
-# <<< shared: sample_mode
-
-
-def visualize(cfg: Config) -> None:
-    """forward.png: one image at 10 noise levels; reverse.png: x_t (top) and x̂_0 (bottom) along the chain."""
-    device = pick_device(cfg.device)
-    if cfg.ckpt:
-        model, cfg, shape, _ = load_for_sampling(cfg)
-    run_dir = cfg.out or (os.path.dirname(os.path.abspath(cfg.ckpt)) if cfg.ckpt else f"runs/{PROG}-visualize")
-    os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    x0 = get_data(cfg)[:1]  # (1, C, H, W): the first training image
-    steps = torch.linspace(0, cfg.timesteps - 1, 10).round().long()  # 10 points along the chain
-    alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0)
-    save_grid(q_sample(x0.expand(10, -1, -1, -1), steps, torch.randn(10, *x0.shape[1:]), alpha_bar),
-              os.path.join(run_dir, "forward.png"), nrow=10)
-    print(f"wrote {run_dir}/forward.png: x_t at t = {steps.tolist()}")
-    if cfg.ckpt:
-        chain = {}  # t -> (x_t, predicted x_0), recorded at the same 10 steps
-        sample(model.to(device), (1, *shape), make_betas(cfg.schedule, cfg.timesteps),
-               torch.Generator(device).manual_seed(cfg.seed), var=cfg.var, clip_x0=cfg.clip_x0, device=device,
-               on_step=lambda t, x, x0_pred: chain.update({t: (x, x0_pred)}) if t in steps else None)
-        order = sorted(chain, reverse=True)
-        save_grid(torch.cat([chain[t][0] for t in order] + [chain[t][1] for t in order]),
-                  os.path.join(run_dir, "reverse.png"), nrow=len(order))
-        print(f"wrote {run_dir}/reverse.png: x_t (top row) and predicted x_0 (bottom row) at t = {order}")
-
-
-def main(cfg: Config) -> None:
-    for name in ("timesteps", "steps", "batch_size", "log_every", "sample_every", "ckpt_every", "num_samples"):
-        if getattr(cfg, name) < 1:
-            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.dropout < 1 or cfg.lr <= 0 or cfg.fid < 0:
-        sys.exit(f"{PROG}: need 0 <= --ema-decay < 1, 0 <= --dropout < 1, --lr > 0 and --fid >= 0")
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
-    if cfg.visualize:
-        visualize(cfg)
-    elif cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
+    def update(self, done: float) -> None:
+        now, finished = time.time(), done >= self.total
+        if self.done or not finished and now - self.last < (min(0.5, self.EVERY) if self.tty else self.EVERY):
+            return
+        if finished and not self.shown and now - self.start < 2 and self.EVERY > 0:
+            return  # a wait too short to need a progress line
+        self.last, self.shown, self.done, rate = now, True, finished, done / max(now - self.start, 1e-9)
+        clock = lambda s: f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m" if s >= 3600 else f"{s // 60:.0f}m{s % 60:02.0f}s"
+        line = (f"{self.label}: {done:.0f}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%) | "
+                f"{rate:.1f} {self.unit}/s | " + (f"done in {clock(now - self.start)}" if finished else
+                                                 f"ETA {clock((self.total - done) / max(rate, 1e-9))}"))
+        print("\r" + line + "   " if self.tty else line, end="\n" if finished or not self.tty else "", flush=True)
+# <<< shared: progress
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main)

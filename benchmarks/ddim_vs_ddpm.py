@@ -98,7 +98,7 @@ def machine(device: torch.device) -> str:
 def main(args):
     device = ddpm.pick_device(args.device)
     # the network, loaded once (EMA weights); the checkpoint fixes dataset, schedule, T and architecture
-    model, ddpm_cfg, shape, step = ddpm.load_for_sampling(ddpm.Config(
+    model, ddpm_cfg, shape, state = ddpm.load_for_sampling(ddpm.Config(
         ckpt=args.ckpt, batch_size=args.batch_size, precision=args.precision, device=args.device, var=args.var))
     model = model.to(device)
     ddim_cfg = ddim.Config(**{k: getattr(ddpm_cfg, k) for k in ddim.ARCH_FIELDS}, batch_size=args.batch_size,
@@ -116,7 +116,7 @@ def main(args):
             settings.append((f"DDIM η = {eta:g}, {args.skip} τ", f"ddim-S{S}-eta{eta:g}", S,
                              lambda n, g, cfg=cfg: ddim.generate(model, cfg, n, shape, device, g)))
     measure_name, measure = quality_measure(ddpm_cfg.dataset, args)
-    print(f"{args.ckpt} (step {step}, {ddpm_cfg.dataset}, {ddpm_cfg.schedule} schedule, T = {T}) | "
+    print(f"{args.ckpt} (step {state['step']}, {ddpm_cfg.dataset}, {ddpm_cfg.schedule} schedule, T = {T}) | "
           f"{args.num_samples} images per setting, batch {args.batch_size}, seed {args.seed} | {device} | "
           f"{'bf16' if ddpm.use_bf16(ddpm_cfg, device) else 'fp32'}", flush=True)
 

@@ -172,13 +172,15 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     x0 = torch.rand(16, 1, 16, 16) * 2 - 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    def loss_at_fixed_noise():
-        torch.manual_seed(1)  # the same t and ε each time we evaluate
+    g = torch.Generator().manual_seed(1)
+    t_fixed, eps_fixed = torch.randint(0, 100, (16,), generator=g), torch.randn(x0.shape, generator=g)
+
+    def loss_at_fixed_noise():  # the same t and ε each time we evaluate
         with torch.no_grad():
-            return ddpm.diffusion_loss(model, x0, alpha_bar).item()
+            return ddpm.diffusion_loss(model, x0, t_fixed, eps_fixed, alpha_bar).item()
     before = loss_at_fixed_noise()
     for _ in range(15):
-        loss = ddpm.diffusion_loss(model, x0, alpha_bar)
+        loss = ddpm.diffusion_loss(model, x0, torch.randint(0, 100, (16,)), torch.randn_like(x0), alpha_bar)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
