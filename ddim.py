@@ -86,6 +86,13 @@ class Config:
     num_res_blocks: int = 2  # residual blocks per level on the way down (paper: 2)
     attn_res: str = ""  # resolutions with self-attention, e.g. 16 or 14,7 ("": half the image size; "none")
     dropout: float = 0.1  # dropout inside residual blocks (paper: 0.1 on CIFAR-10)
+    # --- class-conditional model, classifier-free guidance (Ho & Salimans 2022) ---
+    class_cond: bool = False  # condition ε_θ on the class label (the dataset's, or --labels): "draw me a 7"
+    num_classes: int = 0  # with --class-cond: how many classes (0: max label + 1)
+    labels: str = ""  # with a .npy --dataset: a .npy of integer labels (N,) or one-hot rows (N, K)
+    p_uncond: float = 0.1  # with --class-cond: probability of training on the null label ∅ instead (paper: 0.1-0.2)
+    guidance: float = 1.0  # w, sampling a class-conditional model: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: no guidance
+    label: int = -1  # with --sample or --visualize on a class-conditional model: only this class (-1: every class in turn)
     # --- optimisation ---
     steps: int = 800_000  # training steps (paper: 800k on CIFAR-10)
     batch_size: int = 128  # images per step, over all GPUs under torchrun (paper: 128); also the sampling batch
@@ -118,11 +125,12 @@ class Config:
 CHOICES = {"schedule": ("linear", "cosine"), "lr_decay": ("none", "cosine"), "skip": ("uniform", "trailing", "quadratic"),
            "device": ("auto", "cuda", "cpu", "mps"), "precision": ("auto", "fp32", "bf16")}
 RANGES = {"image_size": ">=0", "timesteps": ">=1", "channels": ">=0", "num_res_blocks": ">=1", "dropout": "[0,1)",
+          "num_classes": ">=0", "p_uncond": "[0,1)", "guidance": ">=0", "label": ">=-1",
           "steps": ">=1", "batch_size": ">=1", "lr": ">0", "warmup": ">=0", "grad_clip": ">0", "ema_decay": "[0,1)",
           "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1", "fid": ">=0",
           "sample_steps": ">=1", "eta": "[0,1]"}
 ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult",
-               "num_res_blocks", "attn_res", "dropout")  # fixed by a checkpoint: taken from it
+               "num_res_blocks", "attn_res", "dropout", "class_cond", "num_classes")  # fixed by a checkpoint: taken from it
 
 
 # >>> shared: argparse
@@ -153,7 +161,8 @@ def parse_args(argv=None) -> Config:
 def check_ranges(cfg: Config) -> None:
     """Every number in RANGES lies in its range, before anything runs; else one line naming the flag."""
     tests = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
-             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             ">=-1": (lambda v: v >= -1, ">= 0 (or -1 for none)")}
     for name, rule in RANGES.items():
         value, (ok, words) = getattr(cfg, name), tests[rule]
         if not (math.isfinite(value) and ok(value)):
@@ -266,7 +275,8 @@ def get_data(cfg: Config):
             array = np.load(name, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
         except (ValueError, OSError) as e:
             sys.exit(f"{PROG}: cannot read {name} as a numpy array: {first_line(e)}")
-        images = pixels_to_uint8(array, name)
+        shape_only = array.dtype.kind in "iufb" and array.ndim not in (3, 4)  # numbers, but not images:
+        images = torch.empty(array.shape, dtype=torch.uint8) if shape_only else pixels_to_uint8(array, name)  # see below
         labels = read_labels(cfg.labels, len(images)) if getattr(cfg, "labels", "") else None
     else:
         sys.exit(f"{PROG}: --dataset {name!r} is not cifar10, mnist, "
@@ -375,10 +385,11 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): predicts the noise in x_t. Down path, middle, up path with skip connections."""
+    """ε_θ(x_t, t), or ε_θ(x_t, t, y) with num_classes: predicts the noise in x_t. Down path, middle,
+    up path with skip connections."""
 
     def __init__(self, image_channels=3, image_size=32, channels=0, channel_mult="", num_res_blocks=2,
-                 attn_res="", dropout=0.1):
+                 attn_res="", dropout=0.1, num_classes=0):
         super().__init__()
         default_ch, default_mult = UNET_SIZES.get(image_size, UNET_SIZES[32])
         ch = channels or default_ch
@@ -390,6 +401,10 @@ class UNet(nn.Module):
         self.ch = ch
         # t -> sinusoidal embedding (ch) -> MLP -> (4·ch), fed to every residual block
         self.temb = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
+        # class-conditional: one learned vector per label, added to the time embedding; row num_classes
+        # is the null label ∅ ("no class"), which guidance needs (none of this exists without classes)
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, 4 * ch) if num_classes else None
         self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
         self.down, skip_chs, res, now = nn.ModuleList(), [ch], image_size, ch
         for level, m in enumerate(mult):
@@ -413,8 +428,10 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(group_norm(now), nn.SiLU(), zero(nn.Conv2d(now, image_channels, 3, padding=1)))
 
-    def forward(self, x, t):  # x: (B, C, H, W), t: (B,) integer steps 0..T-1
+    def forward(self, x, t, y=None):  # x: (B, C, H, W), t: (B,) integer steps 0..T-1, y: (B,) labels or None (∅)
         temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4·ch)
+        if self.label_emb is not None:
+            temb = temb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)  # (B, 4·ch)
         h = self.conv_in(x)  # (B, ch, H, W)
         skips = [h]  # every output of the down path is kept for the up path
         for layer in self.down:
@@ -429,7 +446,7 @@ class UNet(nn.Module):
 
 def build_model(cfg: Config, image_channels: int) -> UNet:
     return UNet(image_channels, cfg.image_size, cfg.channels, cfg.channel_mult, cfg.num_res_blocks,
-                cfg.attn_res, cfg.dropout)
+                cfg.attn_res, cfg.dropout, cfg.num_classes if cfg.class_cond else 0)
 # <<< shared: unet
 
 
@@ -463,24 +480,44 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: to
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def draw_batch(data: torch.Tensor, cfg: Config, generator: torch.Generator, rows=slice(None)):
+def draw_batch(data: torch.Tensor, labels, cfg: Config, generator: torch.Generator, rows=slice(None)):
     """Algorithm 1, lines 2-4: x_0 ~ q(x_0) (training images), t ~ Uniform({1..T}) (0-based here) and
-    ε ~ N(0, I), for a batch of --batch-size. Under torchrun every process draws the same numbers
-    (the same generator) and keeps its own `rows`, so W processes take the step one process would."""
+    ε ~ N(0, I), for a batch of --batch-size; with --class-cond also each image's label y, replaced by the
+    null label ∅ with probability --p-uncond (Ho & Salimans, Algorithm 1). Under torchrun every process
+    draws the same numbers (the same generator) and keeps its own `rows`: W processes take one process's step."""
     B, device = cfg.batch_size, data.device
-    x0 = data[torch.randint(0, len(data), (B,), device=device, generator=generator)]  # (B, C, H, W)
+    i = torch.randint(0, len(data), (B,), device=device, generator=generator)
+    x0 = data[i]  # (B, C, H, W)
     if cfg.dataset == "cifar10":  # random horizontal flips, on CIFAR-10 only (as in the paper)
         flip = torch.rand(B, 1, 1, 1, device=device, generator=generator) < 0.5
         x0 = torch.where(flip, x0.flip(3), x0)
     t = torch.randint(0, cfg.timesteps, (B,), device=device, generator=generator)  # (B,)
     eps = torch.randn(x0.shape, device=device, generator=generator)  # (B, C, H, W)
-    return x0[rows], t[rows], eps[rows]
+    if not cfg.class_cond:
+        return x0[rows], t[rows], eps[rows], None
+    drop = torch.rand(B, device=device, generator=generator) < cfg.p_uncond  # (B,) True: train on ∅
+    y = torch.where(drop, cfg.num_classes, labels[i])  # (B,) labels 0..K−1, or K for ∅
+    return x0[rows], t[rows], eps[rows], y[rows]
 
 
-def diffusion_loss(eps_model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                   alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1, line 5 (L_simple, Eq. 14): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², the batch mean."""
-    return F.mse_loss(eps_model(q_sample(x0, t, eps, alpha_bar), t), eps)
+def check_labels(cfg: Config, labels):
+    """--class-cond: the dataset's labels (on the device of the images), with cfg.num_classes set; else None."""
+    if not cfg.class_cond:
+        return None
+    if labels is None:
+        sys.exit(f"{PROG}: --class-cond needs labels and {cfg.dataset} has none: a .npy dataset takes "
+                 "--labels FILE.npy, a folder one subfolder of images per class")
+    cfg.num_classes = cfg.num_classes or int(labels.max()) + 1
+    if labels.max() >= cfg.num_classes:
+        sys.exit(f"{PROG}: --num-classes {cfg.num_classes} is too few for labels up to {int(labels.max())}")
+    return labels
+
+
+def diffusion_loss(eps_model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
+                   y=None) -> torch.Tensor:
+    """Algorithm 1, line 5 (L_simple, Eq. 14): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², the batch mean
+    (with labels y: ε_θ(x_t, t, y), the conditional model)."""
+    return F.mse_loss(eps_model(q_sample(x0, t, eps, alpha_bar), t, y), eps)
 
 
 def lr_factor(cfg: Config, s: int) -> float:
@@ -506,24 +543,29 @@ def lr_factor(cfg: Config, s: int) -> float:
 # alpha_bar[t] holds ᾱ_{t+1}. The paper's ᾱ_0 = 1 (clean data, the level below the first step)
 # has no index: t_prev = −1 stands for it.
 def timestep_sequence(T: int, S: int, skip: str = "uniform") -> list:
-    """τ: the S steps (0-based, strictly increasing, in 0..T−1) at which the sampler calls ε_θ.
+    """τ: the S steps (0-based, strictly increasing, in 0..T−1) at which the sampler calls ε_θ. Sampling
+    starts at τ_S, from pure noise x ~ N(0, I), and the three choices differ in where that is:
 
-    uniform:   τ_i = ⌊i·T/S⌋, i = 0..S−1, i.e. 0, T/S, 2T/S, …: the DDIM code's range(0, T, T // S)
-               when S divides T (and exactly S steps when it does not).
-    quadratic: τ_i = ⌊(i·√(0.8·T)/(S−1))²⌋, the DDIM code's choice for CIFAR-10: dense near the data,
-               where detail is decided, sparse in the noise. For S ≳ √T the first values repeat
-               (0, 0, 1, 2, 5, … for T = 1000, S = 50); each is raised to at least τ_{i−1} + 1, so the
-               steps are distinct (for S = T both give every step)."""
+    uniform:   τ_i = ⌊i·T/S⌋, i = 0..S−1: 0, T/S, 2T/S, …, T − T/S. The DDIM code's range(0, T, T // S)
+               when S divides T. It starts short of the last step, at T − T/S, whose ᾱ is not quite 0.
+    trailing:  τ_i = ⌊(i+1)·T/S⌋ − 1: T/S − 1, 2T/S − 1, …, T − 1 (Lin et al. 2023, arXiv:2305.08891,
+               Table 2). It starts at the last step, where training saw (almost) pure noise, as sampling gives.
+    quadratic: τ_i = ⌊(i·√(0.8·T)/(S−1))²⌋, the DDIM code's choice for CIFAR-10: dense near the data, sparse
+               in the noise. It starts at 0.8·T, where much signal is left (cosine, T = 100: ᾱ ≈ 0.09). For
+               S ≳ √T the first values repeat (0, 0, 1, 2, 5, … for T = 1000, S = 50); each is raised to at
+               least τ_{i−1} + 1, so the steps are distinct. For S = T all three give every step."""
     if not 1 <= S <= T:
         raise ValueError(f"need 1 <= S <= T, got S = {S}, T = {T}")
     if skip == "uniform":
         return [i * T // S for i in range(S)]
+    if skip == "trailing":
+        return [(i + 1) * T // S - 1 for i in range(S)]
     if skip == "quadratic":
         tau = [int(v) for v in np.linspace(0, math.sqrt(0.8 * T), S) ** 2]
         for i in range(1, S):
             tau[i] = max(tau[i], tau[i - 1] + 1)  # stays <= T − 1 (tests check every S <= T)
         return tau
-    raise ValueError(f"unknown skip {skip!r}: use uniform or quadratic")
+    raise ValueError(f"unknown skip {skip!r}: use uniform, trailing or quadratic")
 
 
 @torch.no_grad()
@@ -589,7 +631,7 @@ def slerp(x0: torch.Tensor, x1: torch.Tensor, alpha: float) -> torch.Tensor:
     return (math.sin((1 - alpha) * theta) * x0 + math.sin(alpha * theta) * x1) / math.sin(theta)
 
 
-SAMPLER_FIELDS = ("sample_steps", "eta", "skip", "clip_x0")  # what describes a sample in fid.csv
+SAMPLER_FIELDS = ("sample_steps", "eta", "skip", "clip_x0", "class_cond", "guidance")  # what describes a sample in fid.csv
 
 
 def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
@@ -610,10 +652,40 @@ def check_sample_steps(cfg: Config) -> None:
 
 
 # >>> shared: generate
+def guided(model, y: torch.Tensor, w: float):
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as an ε-model (x_t, t) -> ε, for any sampler:
+        ε̃(x_t, t, y) = (1 + w) · ε_θ(x_t, t, y) − w · ε_θ(x_t, t, ∅)
+    Both terms come from one network call on the batch twice over (labels y, then the null label ∅);
+    w = 0 is the plain conditional model, one call on the batch."""
+    if w == 0:
+        return lambda x, t: model(x, t, y)
+    null = torch.full_like(y, model.num_classes)
+
+    def eps_model(x, t):
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        return (1 + w) * cond - w * uncond
+    return eps_model
 
 
-def generate(model, cfg: Config, n: int, shape, device, generator, label: str = "sampling") -> torch.Tensor:
-    """n images from the sampler, in batches of --batch-size, with a progress line: (n, C, H, W) in [-1, 1]."""
+def sample_labels(cfg: Config, n: int):
+    """The class of each of n images of a class-conditional model: --label, or every class in turn
+    (0, 1, …, K−1, 0, 1, …), so that n images hold each class equally; None for an unconditional one."""
+    if not cfg.class_cond:
+        return None
+    return torch.full((n,), cfg.label) if cfg.label >= 0 else torch.arange(n) % cfg.num_classes
+
+
+def grid_labels(cfg: Config):
+    """A sample grid of a class-conditional model: one row of 8 per class (64 of --label); else None (64 images)."""
+    if not cfg.class_cond:
+        return None
+    return torch.full((64,), cfg.label) if cfg.label >= 0 else torch.arange(cfg.num_classes).repeat_interleave(8)
+
+
+def generate(model, cfg: Config, n: int, shape, device, generator, label: str = "sampling", labels=None):
+    """n images from the sampler (len(labels) of the given classes, guided by --guidance, for a
+    class-conditional model), in batches of --batch-size, with a progress line: (n, C, H, W) in [-1, 1]."""
+    n = n if labels is None else len(labels)
     progress, images, calls = Progress(f"{label} ({network_calls(cfg)} network calls per image)", n), [], 0
 
     def tick(*_):  # on_step: one network call done, for the whole batch
@@ -623,7 +695,8 @@ def generate(model, cfg: Config, n: int, shape, device, generator, label: str = 
     with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
         for i in range(0, n, cfg.batch_size):
             b, calls = min(cfg.batch_size, n - i), 0
-            images.append(sample_with(cfg, model, (b, *shape), generator, device, on_step=tick).float())
+            eps_model = model if labels is None else guided(model, labels[i:i + b].to(device), cfg.guidance)
+            images.append(sample_with(cfg, eps_model, (b, *shape), generator, device, on_step=tick).float())
     progress.update(n)
     return torch.cat(images)
 # <<< shared: generate
@@ -639,7 +712,8 @@ def train(cfg: Config) -> None:
     with Run(cfg, needs=("model", "ema", "optimizer", "warmup", "rng_batches")) as run:
         cfg, device = run.cfg, run.device
         data, labels = get_data(cfg)  # (N, C, H, W) in [-1, 1], and (N,) labels or None
-        data = data.to(device)  # resident on the device
+        labels = check_labels(cfg, labels)  # --class-cond: the labels, and cfg.num_classes set; else None
+        data, labels = data.to(device), None if labels is None else labels.to(device)  # resident on the device
         cfg.image_size = data.shape[-1]
         run.start(images=len(data), batch_per_process=cfg.batch_size // run.world)
 
@@ -656,9 +730,9 @@ def train(cfg: Config) -> None:
         while step < cfg.steps:
             # --- core: one step of Algorithm 1 ---
             model.train()
-            x0, t, eps = draw_batch(data, cfg, batches, run.rows)  # lines 2-4 (this process's share)
+            x0, t, eps, y = draw_batch(data, labels, cfg, batches, run.rows)  # lines 2-4 (this process's share)
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-                loss = diffusion_loss(net, x0, t, eps, alpha_bar)  # line 5: ‖ε − ε_θ(x_t, t)‖²
+                loss = diffusion_loss(net, x0, t, eps, alpha_bar, y)  # line 5: ‖ε − ε_θ(x_t, t)‖²
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under torchrun, DDP averages the gradients over the processes here
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -674,12 +748,12 @@ def train(cfg: Config) -> None:
             run.log(step, loss=loss.detach(), lr=warmup.get_last_lr()[0])
             if run.due(step, cfg.sample_every):
                 run.save_grid(step, lambda: generate(ema, cfg, 64, data.shape[1:], device, run.fixed_noise(),
-                                                     label=f"sample grid at step {step}"))
+                                                     f"sample grid at step {step}", grid_labels(cfg)))
             if run.stopping(step) or run.due(step, cfg.ckpt_every):
                 run.save(step)  # after Ctrl-C or SIGTERM, this also ends the run (how to continue: --resume)
         if cfg.fid and run.rank == 0:
-            run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(1), "--fid"),
-                    run.dir, step)
+            run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(1), "--fid",
+                                  sample_labels(cfg, cfg.fid)), run.dir, step)
 # <<< shared: train
 
 
@@ -706,8 +780,8 @@ class Run:
         if missing:  # e.g. written by an older version: it can be sampled, not resumed
             sys.exit(f"{PROG}: {self.ckpt_path} lacks {', '.join(missing)} and cannot be resumed; use --out NEW_DIR "
                      "to start anew (--sample still reads it)")
-        if self.state:  # what the networks are is fixed by the checkpoint
-            cfg = dataclasses.replace(cfg, **{k: self.state["config"][k] for k in ARCH_FIELDS})
+        if self.state:  # what the networks are is fixed by the checkpoint (a field it predates: the default)
+            cfg = dataclasses.replace(cfg, **{k: self.state["config"].get(k, getattr(type(cfg), k)) for k in ARCH_FIELDS})
         self.cfg, self.step0 = cfg, self.state["step"] if self.state else 0
         self.signal, self.metrics, self.saved, self.sums, self.count = None, None, self.step0 or None, None, 0
         if self.world > 1:
@@ -809,7 +883,7 @@ class Run:
             torch.distributed.all_reduce(self.sums)  # the sum over every process, in every process
         means = iter((self.sums / self.count / self.world).tolist())
         row = {k: next(means) if torch.is_tensor(v) else v for k, v in values.items()}
-        if not all(map(math.isfinite, row.values())):
+        if not all(math.isfinite(v) for k, v in row.items() if torch.is_tensor(values[k])):
             self.diverged(step, ", ".join(f"{k} {v}" for k, v in row.items()))
         now = time.time()
         speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last_time)
@@ -848,16 +922,22 @@ class Run:
                  "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0)})
             self.saved = self.saved if path else step
         if self.signal and not path:
-            sys.exit(f"{PROG}: stopped by {self.signal} at step {step}; continue with the same command and --resume")
+            sys.exit(f"{PROG}: stopped by {self.signal} at step {step}, saved to {self.ckpt_path}; continue with "
+                     "the same command and --resume")
         if step == self.cfg.steps and not path:
             self.print(f"done: {step} steps in {(time.time() - self.start_time) / 60:.1f} min; run in {self.dir}")
 
-    def save_grid(self, step: int, make_images) -> None:
-        """samples/step_N.png from make_images(), and progression.png; their time does not count as training."""
+    def untimed(self, work):
+        """work() (a grid, a quality check), off the training clock: img/s and the ETA count training steps only."""
         start = time.time()
-        save_grid(make_images(), os.path.join(self.dir, "samples", f"step_{step:07d}.png"))
+        result = work()
+        self.last_time += time.time() - start
+        return result
+
+    def save_grid(self, step: int, make_images) -> None:
+        """samples/step_N.png from make_images(), and progression.png, off the training clock."""
+        save_grid(self.untimed(make_images), os.path.join(self.dir, "samples", f"step_{step:07d}.png"))
         stack_progression(os.path.join(self.dir, "samples"), os.path.join(self.dir, "progression.png"))
-        self.last_time += time.time() - start  # the speed and the ETA count training steps only
 # <<< shared: run
 
 
@@ -868,7 +948,10 @@ class Run:
 def load_for_sampling(cfg: Config):
     """The EMA network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
     state = load_checkpoint(cfg.ckpt, needs=("ema", "config", "step"))
-    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
+    cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, getattr(Config, k)) for k in ARCH_FIELDS})
+    if cfg.label >= (cfg.num_classes if cfg.class_cond else 0):
+        sys.exit(f"{PROG}: --label {cfg.label}: " + (f"{cfg.ckpt} knows classes 0..{cfg.num_classes - 1}"
+                 if cfg.class_cond else f"{cfg.ckpt} is not class-conditional (train with --class-cond)"))
     channels = state["ema"]["conv_in.weight"].shape[1]
     model = build_model(cfg, channels)
     model.load_state_dict(state["ema"])
@@ -882,10 +965,17 @@ def sample_mode(cfg: Config) -> None:
     run_dir = cfg.out or sample_dir(cfg, state)
     n = max(cfg.num_samples, cfg.fid)
     start = time.time()
-    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed)).cpu()
+    labels = sample_labels(cfg, n)  # None, or the class of each image
+    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed),
+                      labels=labels).cpu()
     seconds = time.time() - start  # .cpu() waited for the device to finish: the clock is honest
-    save_pngs(images, os.path.join(run_dir, "generated"))
-    save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
+    save_pngs(images, os.path.join(run_dir, "generated"), labels)
+    if labels is not None and cfg.label < 0:  # one row per class: the first images of each
+        per_class = max(1, min(8, n // cfg.num_classes))
+        rows = [torch.nonzero(labels == k).flatten()[:per_class] for k in range(cfg.num_classes)]
+        save_grid(images[torch.cat(rows)], os.path.join(run_dir, "generated_grid.png"), nrow=per_class)
+    else:
+        save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
     print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
           + " ".join(f"{k}={getattr(cfg, k)}" for k in SAMPLER_FIELDS) + f") -> {run_dir}/generated/")
     if cfg.fid:
@@ -909,8 +999,10 @@ def visualize(cfg: Config) -> None:
               os.path.join(run_dir, "forward.png"), nrow=10)
     print(f"wrote {run_dir}/forward.png: x_t at t = {steps.tolist()}")
     if cfg.ckpt:
-        chain = []  # (t, x_t, predicted x_0) at every step of the sampler
-        sample_with(cfg, model.to(device), (1, *shape), torch.Generator(device).manual_seed(cfg.seed), device,
+        chain, model = [], model.to(device)  # (t, x_t, predicted x_0) at every step of the sampler
+        labels = sample_labels(cfg, 1)  # a class-conditional model draws --label (or class 0)
+        sample_with(cfg, model if labels is None else guided(model, labels.to(device), cfg.guidance), (1, *shape),
+                    torch.Generator(device).manual_seed(cfg.seed), device,
                     on_step=lambda t, x, x0_pred: chain.append((t, x, x0_pred)))
         chain = [chain[i] for i in sorted(set(torch.linspace(0, len(chain) - 1, 10).round().long().tolist()))]
         save_grid(torch.cat([x for _, x, _ in chain] + [x0_pred for _, _, x0_pred in chain]),
@@ -929,6 +1021,8 @@ def invert_mode(cfg: Config) -> None:
     os.makedirs(run_dir, exist_ok=True)
     x0 = get_data(cfg)[0][:8].to(device)  # (8, C, H, W): the first training images
     betas, model = make_betas(cfg.schedule, cfg.timesteps), model.to(device)
+    labels = sample_labels(cfg, len(x0))  # a class-conditional model: --label (or every class in turn)
+    model = model if labels is None else guided(model, labels.to(device), cfg.guidance)
     with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
         x_T = invert(model, x0, betas, cfg.sample_steps, cfg.skip, device=device)  # (8, C, H, W)
         x_rec = sample(model, x0.shape, betas, cfg.sample_steps, 0.0, cfg.skip, x_T=x_T, clip_x0=cfg.clip_x0,
@@ -952,8 +1046,12 @@ def interpolate_mode(cfg: Config) -> None:
     ends = torch.randn(2, 4, *shape, generator=torch.Generator().manual_seed(cfg.seed))  # 4 pairs of x_T
     x_T = torch.stack([slerp(ends[0, row], ends[1, row], alpha) for row in range(4)
                        for alpha in torch.linspace(0, 1, 10).tolist()])  # (40, C, H, W)
+    model = model.to(device)
+    if cfg.class_cond:  # each row keeps one class: --label, or classes 0, 1, 2, 3
+        rows = torch.full((4,), cfg.label) if cfg.label >= 0 else torch.arange(4) % cfg.num_classes
+        model = guided(model, rows.repeat_interleave(10).to(device), cfg.guidance)
     with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-        images = sample(model.to(device), x_T.shape, make_betas(cfg.schedule, cfg.timesteps), cfg.sample_steps,
+        images = sample(model, x_T.shape, make_betas(cfg.schedule, cfg.timesteps), cfg.sample_steps,
                         0.0, cfg.skip, x_T=x_T, clip_x0=cfg.clip_x0, device=device)
     save_grid(images, os.path.join(run_dir, "interpolate.png"), nrow=10)
     print(f"wrote {run_dir}/interpolate.png: each row decodes slerp(x_T⁽⁰⁾, x_T⁽¹⁾, α) for α = 0, 1/9, …, 1 "
@@ -1070,16 +1168,17 @@ def save_grid(x: torch.Tensor, path: str, nrow: int = 8) -> None:
     torchvision.utils.save_image(x.float().cpu() * 0.5 + 0.5, path, nrow=nrow)  # [-1, 1] -> [0, 1]
 
 
-def save_pngs(x: torch.Tensor, folder: str) -> None:
-    """One PNG per image (000000.png, ...), the format FID tools read."""
+def save_pngs(x: torch.Tensor, folder: str, labels=None) -> None:
+    """One PNG per image (000000.png, ..., or 000000_class3.png with labels), the format FID tools read."""
     from PIL import Image
     os.makedirs(folder, exist_ok=True)
     for old in os.listdir(folder):  # drop this script's earlier images there, or an FID tool would count them
-        if re.fullmatch(r"\d{6}\.png", old):
+        if re.fullmatch(r"\d{6}(_class\d+)?\.png", old):
             os.remove(os.path.join(folder, old))
     pixels = ((x.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     for i, p in enumerate(pixels):  # (H, W, C) uint8
-        Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(os.path.join(folder, f"{i:06d}.png"))
+        name = f"{i:06d}.png" if labels is None else f"{i:06d}_class{int(labels[i])}.png"
+        Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(os.path.join(folder, name))
 
 
 def sample_dir(cfg, state: dict) -> str:

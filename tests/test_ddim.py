@@ -49,6 +49,17 @@ def test_tau_is_strictly_increasing_in_range_and_of_length_S(T):
         assert ddim.timestep_sequence(T, T, skip) == list(range(T))  # S = T: every step, as DDPM
 
 
+@pytest.mark.parametrize("T", [1, 2, 5, 10, 37, 200, 1000])
+def test_trailing_tau_ends_at_the_last_step_and_matches_lin_et_al(T):
+    for S in range(1, T + 1):
+        tau = ddim.timestep_sequence(T, S, "trailing")
+        assert len(tau) == S and tau[-1] == T - 1 and tau[0] >= 0, (S, tau)
+        assert all(a < b for a, b in zip(tau, tau[1:])), (S, tau)
+        if T % S == 0:  # Lin et al.'s code: np.round(np.arange(T, 0, -T / S)) - 1, from the top down
+            assert tau == sorted((np.round(np.arange(T, 0, -T / S)) - 1).astype(int).tolist())
+    assert ddim.timestep_sequence(T, T, "trailing") == list(range(T))
+
+
 def test_tau_matches_the_ddim_code():
     for T in (200, 1000):
         for S in (10, 20, 50, 100):

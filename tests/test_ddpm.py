@@ -300,17 +300,18 @@ def test_image_folder_and_npy_load_into_minus_one_one(tmp_path):
     folder.mkdir()
     for i in range(3):
         Image.fromarray(np.full((20, 20, 3), 255 * (i % 2), dtype=np.uint8)).save(folder / f"{i}.png")
-    x = ddpm.get_data(ddpm.Config(dataset=str(folder), image_size=16))
-    assert x.shape == (3, 3, 16, 16) and x.min() == -1 and x.max() == 1
+    x, labels = ddpm.get_data(ddpm.Config(dataset=str(folder), image_size=16))
+    assert x.shape == (3, 3, 16, 16) and x.min() == -1 and x.max() == 1 and labels is None
     np.save(tmp_path / "f.npy", np.linspace(-1, 1, 2 * 8 * 8).reshape(2, 8, 8).astype(np.float32))
-    y = ddpm.get_data(ddpm.Config(dataset=str(tmp_path / "f.npy")))
+    y, _ = ddpm.get_data(ddpm.Config(dataset=str(tmp_path / "f.npy")))
     assert y.shape == (2, 1, 8, 8) and y.min().item() == -1 and y.max().item() == 1
 
 
 @needs_mnist
 def test_real_mnist_loads():
-    x = ddpm.get_data(ddpm.Config(dataset="mnist", data_root=MNIST_ROOT))
+    x, y = ddpm.get_data(ddpm.Config(dataset="mnist", data_root=MNIST_ROOT))
     assert x.shape == (60000, 1, 28, 28) and x.min() == -1 and x.max() == 1
+    assert y.shape == (60000,) and set(y.tolist()) == set(range(10))  # the labels, for --class-cond
     assert -0.8 < x.mean().item() < -0.7  # MNIST is mostly black background
 
 
