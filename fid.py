@@ -13,6 +13,9 @@ FID (Heusel et al. 2017, https://arxiv.org/abs/1706.08500, Eq. 6) fits a Gaussia
 Each side is a folder of images, a .npz of statistics (keys mu, sigma: the pytorch-fid/TTUR
 format), a .npy of images, or a dataset (cifar10-train, mnist-train, fashion-mnist-train: all
 training images, no augmentation; their statistics are cached under <data-root>/fid_stats/).
+A .npy is read by the rule of the training scripts' get_data, so a dataset file means the same
+images to both: integers are pixels 0..255; floats are [0, 1], or [-1, 1] if any value is negative.
+A tensor handed over in Python (score(), from the scripts' --fid) is always floats in [-1, 1].
 Cost (benchmarks/fid_speed.py, 2 CPU threads): the 2048-d Fréchet distance 1.9 s (scipy's sqrtm route:
 11.4 s); Inception features ~8 images/s on that CPU, so use a GPU for 50k images.
 
@@ -22,8 +25,10 @@ Sections: 1. Config  2. Data  3. Model  4. Metric  5. Main
 """
 import argparse
 import functools
+import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,30 +65,59 @@ def parse_args(argv=None):
 
 
 def resolve_device(device):
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"fid: --device {device} is not available here; use --device cpu or auto")
+    return device
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # --- plumbing: 2. Data: every source becomes uint8 batches (B, C, H, W), C = 1 or 3 ---
-def to_uint8(images):
-    """Tensor/array → uint8 (N, C, H, W). uint8 means [0, 255]; floats must be in [-1, 1] (our scripts'
-    range) and are rounded to 8 bits exactly like torchvision.utils.save_image, so a tensor and the PNG
-    files saved from it give the same FID. (N, H, W) and channels-last (N, H, W, C) are accepted too."""
+def to_uint8(images, floats="[-1, 1]", name="images"):
+    """Tensor/array → uint8 (N, C, H, W). Integers (uint8 or any integer dtype) are pixels in [0, 255].
+    Floats: floats="[-1, 1]" (a tensor from our scripts, their range), rounded to 8 bits exactly like
+    torchvision.utils.save_image, so a tensor and the PNG files saved from it give the same FID; or
+    floats="auto" (a .npy file), the rule of the scripts' get_data: [0, 1], or [-1, 1] if any value is
+    negative. (N, H, W) and channels-last (N, H, W, C) are accepted too."""
     x = (images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images))).detach().cpu()
     if x.ndim == 3:
         x = x[:, None]  # (N, H, W) → (N, 1, H, W)
     if x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
         x = x.permute(0, 3, 1, 2)  # (N, H, W, C) → (N, C, H, W)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        sys.exit(f"fid: images must be (N, C, H, W) with C = 1 or 3, got shape {tuple(x.shape)}")
+        sys.exit(f"fid: {name} must be (N, C, H, W) with C = 1 or 3, got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x
+    if not (x.is_floating_point() or x.dtype == torch.bool):  # integers: pixels 0..255, as in the scripts
+        if len(x) and not 0 <= x.min() <= x.max() <= 255:
+            sys.exit(f"fid: {name}: integer pixels must be in [0, 255], got [{x.min()}, {x.max()}]")
+        return x.to(torch.uint8)
     x = x.float()
-    if len(x) and not (x.isfinite().all() and x.min() >= -1.001 and x.max() <= 1.001):
-        sys.exit(f"fid: float images must be in [-1, 1], got [{x.min():.3g}, {x.max():.3g}] (uint8 is read as [0, 255])")
+    low, high = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+    if floats == "auto":  # a .npy file, read as get_data reads it: [0, 1], or [-1, 1] if any value is negative
+        if not (math.isfinite(low + high) and (0 <= low and high <= 1 or -1 <= low < 0 and high <= 1)):
+            sys.exit(f"fid: {name}: float pixels must be in [0, 1] or [-1, 1], got [{low:.3g}, {high:.3g}] "
+                     "(save pixel values 0..255 as uint8)")
+        return ((x + 1) / 2 if low < 0 else x).mul(255).round().to(torch.uint8)  # get_data's rounding
+    if not (math.isfinite(low + high) and low >= -1.001 and high <= 1.001):
+        sys.exit(f"fid: {name}: float images must be in [-1, 1], got [{low:.3g}, {high:.3g}] (uint8 is read as [0, 255])")
     # [-1, 1] → [0, 1] → {0..255}:  ⌊255·(x + 1)/2 + 0.5⌋, the same rounding as save_image
     return ((x + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+def read_npy(path):
+    """A .npy file of images (no pickles: a file from a stranger cannot run code) → uint8, by get_data's rule."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # junk, truncated, or an object array (which needs pickle)
+        sys.exit(f"fid: cannot read {path} as a numpy array of images: {first_line(error)}")
+    if array.dtype.kind not in "iufb":
+        sys.exit(f"fid: {path}: cannot read {array.dtype} values as pixels (use uint8, or floats in [0, 1])")
+    return to_uint8(array, floats="auto", name=str(path))
 
 
 def read_image(path):
@@ -128,10 +162,10 @@ def image_batches(source, batch_size, data_root):
         if str(source) in DATASETS:
             source = load_dataset(str(source), data_root)
         elif path.suffix == ".npy" and path.is_file():
-            source = np.load(path)
+            source = read_npy(path)
         else:
             sys.exit(f"fid: {source} is not a folder, a .npz or .npy file, or one of {', '.join(DATASETS)}")
-    images = to_uint8(source)
+    images = to_uint8(source)  # uint8 stays uint8; a tensor or array of floats from a script: [-1, 1]
     return len(images), (images[start:start + batch_size] for start in range(0, len(images), batch_size))
 
 
@@ -217,15 +251,20 @@ def load_inception(weights=None, device="cpu"):
     else:
         if not os.path.isfile(weights):
             sys.exit(f"fid: weights file {weights} not found (paper-comparable: {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL})")
+        if os.path.getsize(weights) == 0:
+            sys.exit(f"fid: weights file {weights} is empty (0 bytes): a download cut short? "
+                     f"(paper-comparable: {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL})")
         try:  # weights_only: a file from a stranger cannot run code
             state = torch.load(weights, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"the file holds a {type(state).__name__}, not a dict of weights")
             fid_variant = state["fc.weight"].shape[0] == 1008  # TF's 1008 classes mark pytorch-fid's file
             net = build_fid_inception() if fid_variant else inception_v3(
                 weights=None, init_weights=False, transform_input=True, aux_logits="AuxLogits.fc.weight" in state)
             net.load_state_dict(state)  # strict: every name and shape must match
         except Exception as error:
             sys.exit(f"fid: {weights} is not an Inception v3 state dict of torchvision or pytorch-fid "
-                     f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+                     f"({type(error).__name__}: {first_line(error)[:200]})")
         kind = "FID Inception v3 (TF/pytorch-fid variant)" if fid_variant else "torchvision Inception v3"
         description = f"{kind}, weights {Path(weights).name}"
     return InceptionFeatures(net, fid_variant, description).eval().to(device)
@@ -246,15 +285,18 @@ def stats_of_images(source, device, batch_size, weights, data_root):
         sys.exit(f"fid: {source if isinstance(source, (str, Path)) else 'the images'} gave {n} image(s); "
                  "a covariance needs at least 2 (and FID is only comparable at equal n, 50k standard)")
     model = load_inception(weights, device)
-    feature_sum, product_sum = np.zeros(2048), np.zeros((2048, 2048))  # float64 accumulators
+    feature_sum, product_sum = np.zeros(2048), np.zeros((2048, 2048))  # float64 accumulators, on the host
+    progress, done = Progress(f"Inception features ({model.description.split(',')[0]})", n), 0
     allow_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would shift FID with the GPU model
     try:
         with torch.inference_mode():
             for images in batches:
-                features = model(images.to(device)).cpu().double().numpy()  # (B, 2048)
+                features = model(images.to(device)).cpu().double().numpy()  # (B, 2048), float64 only on the host
                 feature_sum += features.sum(axis=0)
                 product_sum += features.T @ features  # Σ f fᵀ, (2048, 2048)
+                done += len(features)
+                progress.update(done)
     finally:
         torch.backends.cudnn.allow_tf32 = allow_tf32
     # μ = (1/n) Σ f,   Σ = (Σ f fᵀ − n μ μᵀ) / (n − 1)   (unbiased, as np.cov; float64 keeps this exact
@@ -349,6 +391,32 @@ def score(images, reference, *, device="cpu", batch_size=50, weights=None, data_
     return frechet_distance(first.mu, first.sigma, second.mu, second.sigma)
 
 
+# >>> shared: progress
+class Progress:
+    """'sampling: 1200/2000 (60%) | 3.4 img/s | ETA 3m52s' for a long wait: rewritten in place on a
+    terminal; in a file or a CI log, a new line every PROGRESS_EVERY seconds (10) and one at the end."""
+    EVERY = float(os.environ.get("PROGRESS_EVERY", 10))
+
+    def __init__(self, label: str, total: int, unit: str = "img"):
+        self.label, self.total, self.unit, self.shown, self.done = label, total, unit, False, False
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, done: float) -> None:
+        now, finished = time.time(), done >= self.total
+        if self.done or not finished and now - self.last < (min(0.5, self.EVERY) if self.tty else self.EVERY):
+            return
+        if finished and not self.shown and now - self.start < 2 and self.EVERY > 0:
+            return  # a wait too short to need a progress line
+        self.last, self.shown, self.done, rate = now, True, finished, done / max(now - self.start, 1e-9)
+        clock = lambda s: f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m" if s >= 3600 else f"{s // 60:.0f}m{s % 60:02.0f}s"
+        line = (f"{self.label}: {done:.0f}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%) | "
+                f"{rate:.1f} {self.unit}/s | " + (f"done in {clock(now - self.start)}" if finished else
+                                                 f"ETA {clock((self.total - done) / max(rate, 1e-9))}"))
+        print("\r" + line + "   " if self.tty else line, end="\n" if finished or not self.tty else "", flush=True)
+# <<< shared: progress
+
+
 # --- plumbing: 5. Main ---
 def main(args):
     if args.b is None and args.save_stats is None:
@@ -376,4 +444,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:
+        sys.exit("fid: interrupted")

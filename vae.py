@@ -11,19 +11,21 @@ The first term asks the code to keep what the decoder needs to redraw x; the sec
 image's codes to look like draws from the prior, so that decoding a fresh z ~ N(0, I) gives a new image.
 
 Commands
-  python vae.py                   # CIFAR-10, Bernoulli decoder, 40k steps (about the seed study's 100
-                                  # epochs at batch 128); not yet measured here
+  python vae.py                   # CIFAR-10, Bernoulli decoder, 40k steps (about the 100 epochs at batch 128
+                                  # of "Generating Realistic Images using DDPM"); a GPU job, not yet measured
   python vae.py --likelihood gaussian   # discretised Gaussian decoder, learned σ: −ELBO in nats of the
                                   # 8-bit image, comparable with other models' bits/dim
-  python vae.py --sample --ckpt runs/vae-cifar10/ckpt.pt --num-samples 50000 --fid 50000
-  python vae.py --dataset mnist --likelihood bernoulli --channels 16 --steps 8000 --precision bf16 ...
-        # the CPU recipe: 11 min on 2 cores, test −ELBO 97.4 nats (pytorch/examples' MLP VAE: ≈ 104);
-        # the exact command and its MNIST scores are in README.md
+  python vae.py --sample --ckpt runs/vae-cifar10/ckpt.pt --num-samples 50000 \
+      --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # Inception FID on the papers' ruler
+  python vae.py --dataset mnist --likelihood bernoulli --channels 16 --steps 8000 --device cpu ...
+        # a CPU recipe: test −ELBO 97.4 nats (pytorch/examples' MLP VAE: ≈ 104); README.md has the
+        # exact command, its time on 2 cores and its MNIST score
   python vae.py --sample --reconstruct --ckpt RUN/ckpt.pt    # reconstructions of test images, as PNGs
 
 Sections
   1. Config     2. Data (+ the test split)     3. Model (encoder, decoder)     4. Objective (the ELBO)
-  5. Sampler (prior samples, reconstructions, interpolations)     6. Train     7. Main
+  5. Sampler (prior samples, reconstructions, interpolations)     6. Train (the ELBO step; then its plumbing)
+  7. Main
 
 Where we depart from the paper (and why)
   - Convolutional encoder and decoder instead of the paper's one-hidden-layer MLPs, and Adam instead
@@ -41,11 +43,14 @@ Where we depart from the paper (and why)
 import argparse
 import csv
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 import time
 
@@ -55,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PROG = os.path.splitext(os.path.basename(__file__))[0]  # "vae": names runs and error messages
+READS = ("vae",)  # the scripts whose checkpoints this one can load
 
 
 # =============================================================================================
@@ -67,37 +73,40 @@ class Config:
     data_root: str = "data"  # where torchvision datasets are (or will be downloaded)
     image_size: int = 0  # 0: the dataset's own size; otherwise images are resized to this
     # --- model ---
-    latent: int = 128  # dimensions of the code z (the seed study's 128)
+    latent: int = 128  # dimensions of the code z (128, as in "Generating Realistic Images using DDPM")
     channels: int = 32  # channels after the first convolution, doubled at every halving of the resolution
     likelihood: str = "bernoulli"  # decoder p(x|z): bernoulli (grey levels as probabilities) | gaussian (discretised, learned σ)
     sigma: float = 0.1  # σ of the Gaussian decoder on the [-1, 1] pixel scale (with --learn-sigma: its start)
     learn_sigma: bool = True  # learn σ by the ELBO (one σ for all pixels: a calibrated decoder), else keep it fixed
     beta: float = 1.0  # weight of the KL term in the training loss (1: the ELBO; the test −ELBO always uses 1)
     # --- optimisation ---
-    steps: int = 40_000  # training steps (the seed study: 100 epochs of CIFAR-10 at batch 128 ≈ 39k)
-    batch_size: int = 128  # images per step (the seed study: 128); also the sampling batch
-    lr: float = 1e-3  # Adam learning rate (the seed study: 1e-3)
+    steps: int = 40_000  # training steps (100 CIFAR-10 epochs at batch 128 ≈ 39k, as "Generating Realistic Images using DDPM" trained)
+    batch_size: int = 128  # images per step (128, as in "Generating Realistic Images using DDPM"); also the sampling batch
+    lr: float = 1e-3  # Adam learning rate (1e-3, as in "Generating Realistic Images using DDPM")
     # --- run ---
-    out: str = ""  # run directory ("": runs/vae-<dataset>)
-    device: str = "auto"  # auto | cuda | cpu | mps
-    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16
+    out: str = ""  # run directory ("": runs/vae-<dataset>; with --sample: beside the checkpoint)
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
+    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the network for training (the saved weights are not compiled)
     seed: int = 0  # random seed
     log_every: int = 100  # steps between progress lines and rows of metrics.csv
     sample_every: int = 2000  # steps between sample grids (from the same fixed z), reconstructions, interpolations
-    ckpt_every: int = 2000  # steps between checkpoints (one is always written at the end)
+    ckpt_every: int = 2000  # steps between checkpoints (one is also written at the end, and on Ctrl-C)
     resume: bool = False  # continue from the run's ckpt.pt (or --ckpt) at its saved step
     ckpt: str = ""  # checkpoint to resume from or to sample from
     # --- generation ---
     sample: bool = False  # only generate: --num-samples PNGs decoded from prior draws z ~ N(0, I) with --ckpt
     reconstruct: bool = False  # with --sample: reconstruct the first --num-samples test images instead
     num_samples: int = 64  # images written in --sample mode
-    fid: int = 0  # if > 0: generate (or reconstruct) this many images and print their FID (needs fid.py)
-    fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; a path; see fid.py)
+    fid: int = 0  # if > 0: generate (or reconstruct) this many images and print their FID against the training set (fid.py)
+    fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; or a file, e.g. pytorch-fid's for paper numbers)
 
 
 CHOICES = {"likelihood": ("bernoulli", "gaussian"), "device": ("auto", "cuda", "cpu", "mps"),
            "precision": ("auto", "fp32", "bf16")}
+RANGES = {"image_size": ">=0", "latent": ">=1", "channels": ">=1", "sigma": ">0", "beta": ">=0", "steps": ">=1",
+          "batch_size": ">=1", "lr": ">0", "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1",
+          "num_samples": ">=1", "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "latent", "channels", "likelihood", "sigma",
                "learn_sigma")  # fixed by a checkpoint: taken from it
 
@@ -108,15 +117,46 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(f"{PROG}: {message} (see --help)")
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv=None) -> Config:
     """Every Config field becomes a flag; its comment in the class above is the --help text."""
     helps = dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
     parser = OneLineErrorParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) \
-            else {"type": type(f.default), "choices": CHOICES.get(f.name)}
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name), **kind)
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else \
+            {"type": finite_float if f.type is float else f.type, "choices": CHOICES.get(f.name)}
+        shown = helps.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=shown, **kind)
     return Config(**vars(parser.parse_args(argv)))
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number in RANGES lies in its range, before anything runs; else one line naming the flag."""
+    tests = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             ">=-1": (lambda v: v >= -1, ">= 0 (or -1 for none)")}
+    for name, rule in RANGES.items():
+        value, (ok, words) = getattr(cfg, name), tests[rule]
+        if not (math.isfinite(value) and ok(value)):
+            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be {words}, got {value}")
+
+
+def run_main(main) -> None:
+    """main(parse_args()), with what a user's machine can throw turned into one line, not a traceback."""
+    try:
+        main(parse_args())
+    except OSError as e:  # disk full, permission denied, read-only folder, too many open files, ...
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        sys.exit(f"{PROG}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+                 + (" (free some space or choose another --out; the last checkpoint is intact)" if full else ""))
+    except KeyboardInterrupt:
+        sys.exit(f"{PROG}: interrupted")
 # <<< shared: argparse
 
 
@@ -132,12 +172,68 @@ TORCHVISION_FILES = {  # what to put where when torchvision cannot download (off
 }
 
 
-def get_data(cfg: Config) -> torch.Tensor:
-    """The whole training set as one float tensor (N, C, H, W) in [-1, 1].
+def pixels_to_uint8(array: np.ndarray, name: str) -> torch.Tensor:
+    """Images as uint8 [0, 255]. Integers (any dtype) are pixels in [0, 255]; floats are read as [0, 1],
+    or as [-1, 1] if any value is negative. (fid.py reads .npy files by the same rule.)"""
+    if array.dtype.kind in "iu":
+        if array.size and not 0 <= array.min() <= array.max() <= 255:
+            sys.exit(f"{PROG}: {name}: integer pixels must be in [0, 255], got [{array.min()}, {array.max()}]")
+        return torch.as_tensor(array.astype(np.uint8))
+    if array.dtype.kind not in "fb":
+        sys.exit(f"{PROG}: {name}: cannot read {array.dtype} values as pixels (use uint8, or floats in [0, 1])")
+    x = torch.as_tensor(array.astype(np.float32))
+    low, high = (x.min().item(), x.max().item()) if x.numel() else (0, 0)
+    if not (math.isfinite(low + high) and (0 <= low and high <= 1 or -1 <= low < 0 and high <= 1)):
+        sys.exit(f"{PROG}: {name}: float pixels must be in [0, 1] or [-1, 1], got [{low:.3g}, {high:.3g}] "
+                 "(save pixel values 0..255 as uint8)")
+    return ((x + 1) / 2 if low < 0 else x).mul(255).round().to(torch.uint8)
 
-    Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so we skip the
-    DataLoader: a batch is one indexing operation, on whatever device the tensor lives."""
-    name = cfg.dataset
+
+def read_folder(folder: str, size: int):
+    """The images of a folder as uint8 (N, H, W) if all are grey, else (N, H, W, 3), resized to size×size
+    (0: the first image's width). A folder with no images but subfolders of them, one per class
+    (torchvision's ImageFolder layout), gives their images and the labels 0, 1, ... in sorted order."""
+    from PIL import Image
+    image = lambda p: p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))  # noqa: E731
+    paths, labels = sorted(os.path.join(folder, p) for p in os.listdir(folder) if image(p)), None
+    if not paths:  # one subfolder per class?
+        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        found = [(os.path.join(folder, c, p), k) for k, c in enumerate(classes)
+                 for p in sorted(os.listdir(os.path.join(folder, c))) if image(p)]
+        paths, labels = [p for p, _ in found], torch.tensor([k for _, k in found])
+    if not paths:
+        sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {folder} (nor in subfolders of it, one per class)")
+    pictures = []
+    for path in paths:  # one file open at a time
+        try:
+            with Image.open(path) as im:
+                pictures.append(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+        except OSError as e:
+            sys.exit(f"{PROG}: cannot read image {path}: {e}")
+    mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"  # a folder of grey images stays grey
+    size = size or pictures[0].size[0]
+    return torch.as_tensor(np.stack([np.asarray(p.convert(mode).resize((size, size), Image.BICUBIC))
+                                     for p in pictures])), labels
+
+
+def read_labels(path: str, n: int) -> torch.Tensor:
+    """--labels FILE.npy: integer labels (N,), or one-hot rows (N, K) as the 16x16 Sprites set ships them."""
+    try:
+        y = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        sys.exit(f"{PROG}: cannot read --labels {path}: {first_line(e)}")
+    y = y.argmax(1) if y.ndim == 2 else y
+    if y.shape != (n,) or y.dtype.kind not in "iuf" or y.min() < 0 or (y != np.round(y)).any():
+        sys.exit(f"{PROG}: --labels {path} must hold {n} labels 0, 1, ... (shape ({n},)) or {n} one-hot rows, "
+                 f"got shape {y.shape} of {y.dtype}")
+    return torch.as_tensor(y.astype(np.int64))
+
+
+def get_data(cfg: Config):
+    """The whole training set as one float tensor (N, C, H, W) in [-1, 1], and its labels (N,) if it has
+    them (None if not). Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so we skip
+    the DataLoader: a batch is one indexing operation, on whatever device the tensor lives."""
+    name, labels = cfg.dataset, None
     if name in TORCHVISION_FILES:
         import torchvision
         cls, files, sub = TORCHVISION_FILES[name]
@@ -149,44 +245,32 @@ def get_data(cfg: Config) -> torch.Tensor:
             except Exception as e:  # offline: say exactly what to put where
                 sys.exit(f"{PROG}: cannot download {name} ({type(e).__name__}); "
                          f"put {files} in {os.path.join(cfg.data_root, sub)} and run again")
-        images = torch.as_tensor(np.asarray(ds.data))  # uint8, (N, H, W) or (N, H, W, C)
+        images, labels = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(np.asarray(ds.targets))  # uint8 (N, H, W[, C])
     elif os.path.isdir(name):
-        from PIL import Image
-        paths = sorted(p for p in os.listdir(name) if p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        if not paths:
-            sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {name}")
-        try:
-            pils = [Image.open(os.path.join(name, p)) for p in paths]
-            grey = all(im.mode in ("L", "1") for im in pils)
-            size = cfg.image_size or pils[0].size[0]  # folders are resized to one square size
-            images = torch.as_tensor(np.stack([np.asarray(im.convert("L" if grey else "RGB").resize(
-                (size, size), Image.BICUBIC)) for im in pils]))
-        except OSError as e:
-            sys.exit(f"{PROG}: cannot read an image in {name}: {e}")
+        images, labels = read_folder(name, cfg.image_size)
     elif name.endswith(".npy") and os.path.isfile(name):
         try:
-            images = torch.as_tensor(np.load(name))  # (N, H, W), (N, H, W, C) or (N, C, H, W)
+            array = np.load(name, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
         except (ValueError, OSError) as e:
-            sys.exit(f"{PROG}: cannot read {name} as a numpy array: {str(e).splitlines()[0]}")
-        if images.dtype != torch.uint8:  # floats: [0, 1], or [-1, 1] if any value is negative
-            images = images.float()
-            images = ((images + 1) / 2 if images.min() < 0 else images) * 255
+            sys.exit(f"{PROG}: cannot read {name} as a numpy array: {first_line(e)}")
+        shape_only = array.dtype.kind in "iufb" and array.ndim not in (3, 4)  # numbers, but not images:
+        images = torch.empty(array.shape, dtype=torch.uint8) if shape_only else pixels_to_uint8(array, name)  # see below
+        labels = read_labels(cfg.labels, len(images)) if getattr(cfg, "labels", "") else None
     else:
         sys.exit(f"{PROG}: --dataset {name!r} is not cifar10, mnist, "
                  f"fashion-mnist, an existing folder of images or an existing .npy file")
     if images.dim() == 3:
         images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+    elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
-        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, "
-                 f"got shape {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2 or min(images.shape[2:]) < 1:
+        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, (N, H, W), (N, H, W, C) or "
+                 f"(N, C, H, W); got shape {tuple(images.shape)}")
     x = images.float() / 127.5 - 1  # uint8 [0, 255] -> float [-1, 1]   (N, C, H, W)
     if cfg.image_size and cfg.image_size != x.shape[-1]:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
-    return x.clamp(-1, 1).contiguous()
+    return x.clamp(-1, 1).contiguous(), labels
 # <<< shared: data
-
 
 # >>> shared: test_data
 def get_test_data(cfg: Config, data: torch.Tensor) -> tuple:
@@ -327,13 +411,17 @@ def vae_loss(model: VAE, x: torch.Tensor, beta: float = 1.0):
     return loss, -reconstruction.detach(), kl.detach()
 
 
+
+
 @torch.no_grad()
 def evaluate(model: VAE, images: torch.Tensor, device, batch_size: int, seed: int) -> dict:
     """The test −ELBO (β = 1, fp32, one z per image from a fixed seed), in nats per image and bits/dim."""
     generator, sums = torch.Generator(device).manual_seed(seed), torch.zeros(2, dtype=torch.float64)
+    progress = Progress("test −ELBO", len(images))
     for i in range(0, len(images), batch_size):
         reconstruction, kl = elbo_terms(model.eval(), images[i:i + batch_size].to(device), generator)
-        sums += torch.stack([-reconstruction.sum(), kl.sum()]).double().cpu()
+        sums += torch.stack([-reconstruction.sum(), kl.sum()]).cpu().double()  # float64 on the host (not on MPS)
+        progress.update(min(i + batch_size, len(images)))
     nll, kl = (sums / len(images)).tolist()
     dims = images[0].numel()  # C·H·W
     # bits/dim = −ELBO / (C·H·W · ln 2): an upper bound on −log₂ p(x) per pixel (per sub-pixel for RGB)
@@ -353,20 +441,29 @@ SAMPLER_FIELDS = ("reconstruct",)  # what describes an image set in fid.csv: pri
 
 
 @torch.no_grad()
-def generate(model, cfg: Config, n: int, shape, device, generator) -> torch.Tensor:
-    """n new images: z ~ N(0, I), decoded (ancestral sampling, Sec. 2.1). (n, C, H, W) in [-1, 1], on the host."""
-    z = torch.randn(n, model.latent, generator=generator, device=device)  # (n, latent)
-    with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-        return torch.cat([decoder_mean(model, model.decode(z[i:i + cfg.batch_size])).cpu()
-                          for i in range(0, n, cfg.batch_size)])
+def in_batches(fn, inputs: torch.Tensor, cfg: Config, label: str) -> torch.Tensor:
+    """fn applied to inputs in batches of --batch-size, with a progress line; the outputs on the host."""
+    progress, outputs = Progress(label, len(inputs)), []
+    for i in range(0, len(inputs), cfg.batch_size):
+        outputs.append(fn(inputs[i:i + cfg.batch_size]).float().cpu())
+        progress.update(i + len(outputs[-1]))
+    return torch.cat(outputs)
 
 
 @torch.no_grad()
-def reconstruct(model, cfg: Config, images: torch.Tensor, device) -> torch.Tensor:
+def generate(model, cfg: Config, n: int, shape, device, generator, label: str = "sampling") -> torch.Tensor:
+    """n new images: z ~ N(0, I), decoded (ancestral sampling, Sec. 2.1). (n, C, H, W) in [-1, 1], on the host."""
+    z = torch.randn(n, model.latent, generator=generator, device=device)  # (n, latent)
+    with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
+        return in_batches(lambda z: decoder_mean(model, model.decode(z)), z, cfg, label)
+
+
+@torch.no_grad()
+def reconstruct(model, cfg: Config, images: torch.Tensor, device, label: str = "reconstructing") -> torch.Tensor:
     """x → μ(x) → E[x|z = μ]: the decoder's image of each image's most likely code. (N, C, H, W), on the host."""
     with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-        return torch.cat([decoder_mean(model, model.decode(model.encode(images[i:i + cfg.batch_size].to(device))[0]))
-                          .cpu() for i in range(0, len(images), cfg.batch_size)])
+        return in_batches(lambda x: decoder_mean(model, model.decode(model.encode(x.to(device))[0])), images, cfg,
+                          label)
 
 
 @torch.no_grad()
@@ -391,8 +488,316 @@ def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -
 # <<< shared: above_below
 
 
+def training_grids(model, cfg: Config, test: torch.Tensor, run_dir: str, device, generator) -> torch.Tensor:
+    """reconstructions.png and interpolation.png of the same test images every time (never trained on), and
+    the 64 prior samples of samples/step_N.png (returned: Run.save_grid writes them)."""
+    model.eval()
+    shown = test[:32]
+    save_grid(above_below(shown, reconstruct(model, cfg, shown, device)), os.path.join(run_dir, "reconstructions.png"))
+    pairs = test[:2 * min(8, len(test) // 2)]  # up to 8 pairs of test images
+    if len(pairs):
+        save_grid(interpolate(model, cfg, pairs[0::2], pairs[1::2], device), os.path.join(run_dir, "interpolation.png"),
+                  nrow=10)
+    return generate(model, cfg, 64, test.shape[1:], device, generator, label="sample grid")
+
+
 # =============================================================================================
-# 6. Train
+# 6. Train: the ELBO step (Kingma & Welling's Algorithm 1), then the plumbing around it
+# =============================================================================================
+def train(cfg: Config) -> None:
+    """Algorithm 1 (AEVB) with Adam: repeat { x ~ data, ε ~ N(0, I); one gradient step on
+    −ELBO = −log p(x|z) + β · KL(q(z|x) ‖ N(0, I)) at z = μ(x) + σ(x) ⊙ ε }; then the test −ELBO."""
+    with Run(cfg, needs=("model", "optimizer")) as run:
+        cfg, device = run.cfg, run.device
+        if run.world > 1:
+            sys.exit(f"{PROG}: trains in one process; start it with python, not torchrun")
+        data, test = get_test_data(cfg, get_data(cfg)[0])  # (N, C, H, W) in [-1, 1]; test stays on the host
+        data = data.to(device)  # resident on the device
+        cfg.image_size = data.shape[-1]
+        run.start(images=len(data), test_images=len(test))
+
+        # --- core: the network and the optimiser ---
+        model = build_model(cfg, data.shape[1]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
+        step = run.restore(model=model, optimizer=optimizer)
+        net = run.wrap(model)  # --compile: compiled; the same weights
+        decoder = "bernoulli" if cfg.likelihood == "bernoulli" else \
+            f"gaussian, σ {'learned from' if cfg.learn_sigma else 'fixed at'} {cfg.sigma}"
+        run.describe(model, note=f"{len(test)} test images | latent {cfg.latent}, {decoder} decoder, β={cfg.beta}")
+        while step < cfg.steps:
+            # --- core: one step of Algorithm 1 ---
+            model.train()
+            x = data[torch.randint(0, len(data), (cfg.batch_size,), device=device)]  # (B, C, H, W), x ~ data
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
+                # −ELBO_β = −log p(x|z) + β · KL(q(z|x) ‖ p(z)),  z = μ + σ ⊙ ε  (one ε per image)
+                loss, nll, kl = vae_loss(net, x, cfg.beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+            # --- plumbing (class Run, below): the log, grids from fixed z, checkpoints, Ctrl-C ---
+            sigma = {"sigma": model.log_sigma.detach().exp()} if cfg.likelihood == "gaussian" else {}
+            run.log(step, loss=loss.detach(), reconstruction=nll.mean(), kl=kl.mean(), **sigma, lr=cfg.lr)
+            if run.due(step, cfg.sample_every):
+                run.save_grid(step, lambda: training_grids(model, cfg, test, run.dir, device, run.fixed_noise()))
+            if run.stopping(step) or run.due(step, cfg.ckpt_every):
+                run.save(step)  # after Ctrl-C or SIGTERM, this also ends the run (how to continue: --resume)
+        held_out_elbo(model, cfg, test, run.dir, device, step)
+        if cfg.fid:
+            run_fid(cfg, generate(model, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(1), "--fid"),
+                    run.dir, step)
+
+
+def held_out_elbo(model, cfg: Config, test: torch.Tensor, run_dir: str, device, step: int) -> None:
+    """The test −ELBO: how well the model explains images it never saw, in nats and bits/dim (test_elbo.json)."""
+    result = {"step": step, **evaluate(model, test, device, cfg.batch_size, cfg.seed)}
+    with open(os.path.join(run_dir, "test_elbo.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    kind = ("Bernoulli on grey levels: a cross-entropy, not a probability of 8-bit images, as pytorch/examples"
+            if cfg.likelihood == "bernoulli" else "discretised Gaussian: an upper bound on −log p of the 8-bit image")
+    print(f"test −ELBO {result['neg_elbo']:.2f} nats/image (reconstruction {result['reconstruction']:.2f} + "
+          f"KL {result['kl']:.2f}) = {result['bits_per_dim']:.4f} bits/dim on {len(test)} test images ({kind})")
+
+
+# >>> shared: run
+class Run:
+    """Everything around a training loop that is not the algorithm: processes and device, the run directory,
+    resuming, the log (stdout and metrics.csv), checkpoints, and a clean stop on Ctrl-C or SIGTERM, which saves
+    a checkpoint at the current step. Only process 0 (torchrun's first, or the only one) writes files."""
+
+    def __init__(self, cfg, needs: tuple = ()):
+        # torchrun starts one process per GPU and sets RANK (which one), WORLD_SIZE (how many) and
+        # LOCAL_RANK (which GPU of this machine); under plain python there is one: rank 0 of 1
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.rows = slice(self.rank, None, self.world)  # this process's rows of each batch: rank, rank + W, ...
+        self.device = pick_device(cfg.device)
+        if cfg.batch_size % self.world:  # --batch-size is the global batch: the run is the same on 1 or 8 GPUs
+            sys.exit(f"{PROG}: --batch-size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
+        self.dir = cfg.out or f"runs/{PROG}-{os.path.basename(cfg.dataset.rstrip('/')).removesuffix('.npy')}"
+        self.ckpt_path = cfg.ckpt or os.path.join(self.dir, "ckpt.pt")
+        if not cfg.resume and os.path.exists(self.ckpt_path):  # never overwrite a trained model by accident
+            sys.exit(f"{PROG}: {self.ckpt_path} exists; pass --resume to continue that run or --out NEW_DIR to start anew")
+        self.state = load_checkpoint(self.ckpt_path) if cfg.resume else None
+        missing = [k for k in (*needs, "rng_cpu") if self.state and k not in self.state]
+        if missing:  # e.g. written by an older version: it can be sampled, not resumed
+            sys.exit(f"{PROG}: {self.ckpt_path} lacks {', '.join(missing)} and cannot be resumed; use --out NEW_DIR "
+                     "to start anew (--sample still reads it)")
+        if self.state:  # what the networks are is fixed by the checkpoint (a field it predates: the default)
+            cfg = dataclasses.replace(cfg, **{k: self.state["config"].get(k, getattr(type(cfg), k)) for k in ARCH_FIELDS})
+        self.cfg, self.step0 = cfg, self.state["step"] if self.state else 0
+        self.signal, self.metrics, self.saved, self.sums, self.count = None, None, self.step0 or None, None, 0
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(cfg.seed + self.rank)  # each process its own dropout masks
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls/convs
+
+    def __enter__(self):  # Ctrl-C (SIGINT) and SIGTERM only raise a flag: the loop saves, then stops
+        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def on_signal(self, number, frame):
+        if self.signal:  # a second Ctrl-C stops at once (the checkpoint on disk is intact)
+            sys.exit(f"{PROG}: stopped at once by a second {self.signal}; the last checkpoint is {self.ckpt_path}")
+        self.signal = signal.Signals(number).name
+
+    def __exit__(self, *error):
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+        if self.metrics:
+            self.metrics.close()
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def start(self, **facts) -> None:
+        """config.json and samples/; on resume, grids from after the checkpoint (a killed run's) are removed."""
+        if self.rank == 0:
+            os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
+            for name in os.listdir(os.path.join(self.dir, "samples")):
+                if re.fullmatch(r"step_\d+\.png", name) and int(name[5:-4]) > self.step0:
+                    os.remove(os.path.join(self.dir, "samples", name))
+            with open(os.path.join(self.dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(self.cfg) | {"processes": self.world} | facts, f, indent=2)
+        self.start_time = self.last_time = time.time()
+
+    def restore(self, **objects) -> int:
+        """Remember what a checkpoint holds (networks, optimisers, schedulers, generators, by name); on resume,
+        load them and the random state, and take a new --lr if one is given. Returns the step to continue from."""
+        self.objects, self.last_step = objects, self.step0
+        if not self.state:
+            return 0
+        for name, thing in objects.items():
+            getattr(thing, "set_state" if isinstance(thing, torch.Generator) else "load_state_dict")(self.state[name])
+        if self.rank == 0:  # process 0 continues its dropout masks too (the others start fresh ones)
+            torch.set_rng_state(self.state["rng_cpu"])
+            if self.device.type == "cuda" and self.state.get("rng_cuda", torch.empty(0)).numel():
+                torch.cuda.set_rng_state(self.state["rng_cuda"])
+        self.sums, self.count = self.state.get("log_sums") or (None, 0)  # a log row cut short by a stop
+        for thing in objects.values():  # --lr as given now (the same value changes nothing)
+            for group in getattr(thing, "param_groups", []):
+                group["lr"] = self.cfg.lr
+        for s in (s for s in objects.values() if isinstance(s, torch.optim.lr_scheduler.LambdaLR)):
+            s.base_lrs = [self.cfg.lr] * len(s.base_lrs)
+            for group, factor in zip(s.optimizer.param_groups, s.lr_lambdas):
+                group["lr"] = self.cfg.lr * factor(s.last_epoch)
+        self.print(f"resumed from {self.ckpt_path} at step {self.step0} (learning rate {self.cfg.lr:g}, "
+                   f"was {self.state['config']['lr']:g})")
+        return self.step0
+
+    def wrap(self, model):
+        """The network as the loop calls it: DDP under torchrun (it averages the gradients in backward()),
+        compiled with --compile. Both share `model`'s weights, which is what checkpoints save."""
+        net = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        return torch.compile(net) if self.cfg.compile else net
+
+    def describe(self, *models, note: str = "") -> None:
+        millions = " + ".join(f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for m in models)
+        self.print(f"{millions} parameters | {os.path.basename(self.cfg.dataset)} {self.cfg.image_size}px | {self.device} | "
+                   f"{'bf16' if use_bf16(self.cfg, self.device) else 'fp32'} | {note} | batch {self.cfg.batch_size}"
+                   + (f" = {self.world} processes × {self.cfg.batch_size // self.world}" if self.world > 1 else ""))
+
+    def print(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def due(self, step: int, every: int) -> bool:  # for what only process 0 does: grids, checkpoints
+        return self.rank == 0 and (step % every == 0 or step == self.cfg.steps)
+
+    def fixed_noise(self, offset: int = 0) -> torch.Generator:  # the same noise every time: grids show progress
+        return torch.Generator(self.device).manual_seed(self.cfg.seed + offset)
+
+    def diverged(self, step: int, what: str):
+        kept = (f"{self.ckpt_path} holds the last good one (step {self.saved}); lower --lr and continue with "
+                "--resume --lr NEW_LR") if self.saved else "no checkpoint was written; lower --lr and start again"
+        sys.exit(f"{PROG}: training diverged by step {step} ({what}); {kept}")
+
+    def log(self, step: int, **values) -> None:
+        """Add this step's values to running sums (tensors stay on the device: no synchronisation); every
+        --log-every steps print their means with the speed, write a row of metrics.csv, and check them."""
+        tensors = torch.stack([v.float() for v in values.values() if torch.is_tensor(v)])
+        self.sums, self.count = (tensors if self.sums is None else self.sums + tensors), self.count + 1
+        if step % self.cfg.log_every and step != self.cfg.steps:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.sums)  # the sum over every process, in every process
+        means = iter((self.sums / self.count / self.world).tolist())
+        row = {k: next(means) if torch.is_tensor(v) else v for k, v in values.items()}
+        if not all(math.isfinite(v) for k, v in row.items() if torch.is_tensor(values[k])):
+            self.diverged(step, ", ".join(f"{k} {v}" for k, v in row.items()))
+        now = time.time()
+        speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last_time)
+        self.print(f"step {step:>7}/{self.cfg.steps} | " + " | ".join(f"{k} {v:#.4g}" for k, v in row.items())
+                   + f" | {speed:7.1f} img/s | ETA {(self.cfg.steps - step) * self.cfg.batch_size / speed / 3600:5.2f} h")
+        if self.rank == 0:
+            self.metrics = self.metrics or open_metrics(os.path.join(self.dir, "metrics.csv"), self.step0,
+                                                        ["step", *row, "images_per_s", "elapsed_s"])
+            csv.writer(self.metrics).writerow([step, *(f"{v:.6g}" for v in row.values()), f"{speed:.1f}",
+                                               f"{now - self.start_time:.1f}"])
+            self.metrics.flush()
+        self.sums, self.count, self.last_time, self.last_step = None, 0, now, step
+
+    def stopping(self, step: int) -> bool:
+        """Has Ctrl-C or SIGTERM asked us to stop? Under torchrun the processes agree on it at log steps."""
+        if self.world == 1:
+            return self.signal is not None
+        if step % self.cfg.log_every and step != self.cfg.steps:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signal = self.signal or ("SIGTERM" if flag.item() else None)
+        return self.signal is not None
+
+    def save(self, step: int, path: str = "", **extra) -> None:
+        """Checkpoint what restore() named, the step, the config and the random state, if every weight is
+        finite (a diverged run keeps its last good checkpoint). After a stop signal, this ends the run."""
+        if self.rank == 0:
+            weights = [w for m in self.objects.values() if isinstance(m, nn.Module) for w in m.state_dict().values()]
+            if not torch.stack([w.float().isfinite().all() for w in weights]).all():  # one synchronisation
+                self.diverged(step, "NaN or infinite weights")
+            save_checkpoint(path or self.ckpt_path, extra | {
+                k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict() for k, v in self.objects.items()
+            } | {"step": step, "config": dataclasses.asdict(self.cfg), "script": PROG, "log_sums": (self.sums, self.count),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0)})
+            self.saved = self.saved if path else step
+        if self.signal and not path:
+            sys.exit(f"{PROG}: stopped by {self.signal} at step {step}, saved to {self.ckpt_path}; continue with "
+                     "the same command and --resume")
+        if step == self.cfg.steps and not path:
+            self.print(f"done: {step} steps in {(time.time() - self.start_time) / 60:.1f} min; run in {self.dir}")
+
+    def untimed(self, work):
+        """work() (a grid, a quality check), off the training clock: img/s and the ETA count training steps only."""
+        start = time.time()
+        result = work()
+        self.last_time += time.time() - start
+        return result
+
+    def save_grid(self, step: int, make_images) -> None:
+        """samples/step_N.png from make_images(), and progression.png, off the training clock."""
+        save_grid(self.untimed(make_images), os.path.join(self.dir, "samples", f"step_{step:07d}.png"))
+        stack_progression(os.path.join(self.dir, "samples"), os.path.join(self.dir, "progression.png"))
+# <<< shared: run
+
+
+# =============================================================================================
+# 7. Main: train, or generate from a checkpoint
+# =============================================================================================
+def load_for_sampling(cfg: Config):
+    """The network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
+    state = load_checkpoint(cfg.ckpt, needs=("model", "config", "step"))
+    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
+    channels = state["model"]["encoder.0.weight"].shape[1]  # the encoder's first convolution reads the image
+    model = build_model(cfg, channels)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state
+
+
+def sample_mode(cfg: Config) -> None:
+    """--sample: N PNGs and a grid from a checkpoint, with the speed (and FID with --fid). The images
+    are prior samples, or with --reconstruct the reconstructions of the first N test images."""
+    device = pick_device(cfg.device)
+    model, cfg, shape, state = load_for_sampling(cfg)
+    model.to(device)
+    run_dir = cfg.out or sample_dir(cfg, state)
+    n = max(cfg.num_samples, cfg.fid)
+    start = time.time()
+    if cfg.reconstruct:
+        _, test = get_test_data(cfg, get_data(cfg)[0])
+        if len(test) < n:
+            sys.exit(f"{PROG}: --num-samples/--fid {n}: only {len(test)} test images to reconstruct")
+        images, name = reconstruct(model, cfg, test[:n], device), "reconstructed"
+        grid = above_below(test[:min(n, 64)], images[:64])
+    else:
+        images, name = generate(model, cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed)), "generated"
+        grid = images[:64]
+    seconds = time.time() - start  # generate() and reconstruct() end by copying to the host: the clock is honest
+    save_pngs(images, os.path.join(run_dir, name))
+    save_grid(grid, os.path.join(run_dir, f"{name}_grid.png"))
+    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
+          f"reconstruct={cfg.reconstruct}) -> {run_dir}/{name}/")
+    if cfg.fid:
+        run_fid(cfg, images[:cfg.fid], run_dir, state["step"])
+
+
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
+    if cfg.reconstruct and not cfg.sample:
+        sys.exit(f"{PROG}: --reconstruct works with --sample --ckpt RUN/ckpt.pt")
+    if cfg.sample:
+        sample_mode(cfg)
+    else:
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing shared by every script: devices, files, checkpoints, progress (a first reading can skip it)
 # =============================================================================================
 # >>> shared: plumbing
 def pick_device(name: str) -> torch.device:
@@ -403,56 +808,114 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def use_bf16(cfg: Config, device: torch.device) -> bool:
+def use_bf16(cfg, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a kill mid-write never leaves a broken ckpt.pt."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temporary file, then rename: a kill (or a full disk) mid-write never leaves a broken ckpt.pt."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        sys.exit(f"{PROG}: cannot write {path} ({first_line(e)}; {free:.0f} MiB free on that disk): "
+                 f"the previous checkpoint is intact; free some space and continue with --resume")
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, needs: tuple = ("config", "step")) -> dict:
+    """A checkpoint of a script in READS, with the keys `needs`; else one line saying what the file is."""
     if not os.path.isfile(path):
         sys.exit(f"{PROG}: checkpoint {path} does not exist; train first, or pass --ckpt RUN/ckpt.pt")
+    if os.path.getsize(path) == 0:
+        sys.exit(f"{PROG}: checkpoint {path} is empty (0 bytes): a copy or a download cut short?")
     try:  # weights_only: a checkpoint from a stranger cannot run code when loaded
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        sys.exit(f"{PROG}: cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        sys.exit(f"{PROG}: cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}")
+    writer = state.get("script", guess_writer(state)) if isinstance(state, dict) else None
+    if writer not in READS or not all(k in state for k in needs):
+        what = f"was written by {writer}.py" if writer else f"is {describe_object(state)}"
+        sys.exit(f"{PROG}: {path} {what}, not a checkpoint of {' or '.join(s + '.py' for s in READS)}"
+                 + (f"; use {writer}.py with it" if writer else ""))
+    return state
+
+
+def guess_writer(state: dict):
+    """Which script wrote a checkpoint that predates the "script" entry, from the entries it has."""
+    keys = set(state)
+    for script, entries in (("ddpm", {"ema", "model"}), ("dcgan", {"generator", "discriminator"}),
+                            ("vaegan", {"model", "optimizers"}), ("vae", {"model", "optimizer"})):
+        if entries <= keys and "config" in keys:
+            return script  # (ddim.py writes the same entries as ddpm.py)
+    return None
+
+
+def describe_object(thing) -> str:
+    if isinstance(thing, dict):
+        return "a bare state_dict (weights only)" if thing and all(map(torch.is_tensor, thing.values())) \
+            else f"a dict with keys {', '.join(sorted(map(str, thing))[:5]) or 'none'}"
+    return f"a {type(thing).__name__}"
 
 
 def open_metrics(path: str, step: int, header: list):
-    """metrics.csv, open for appending rows. On resume, rows logged after the checkpoint's step
-    are dropped (they will be logged again), so the file always tells one consistent history."""
-    rows = list(csv.reader(open(path))) if step and os.path.exists(path) else []
-    f = open(path, "w", newline="")
-    csv.writer(f).writerows([header] + [r for r in rows[1:] if int(r[0]) <= step])
-    return f
+    """metrics.csv, open for appending. On resume, rows logged after the checkpoint's step are dropped
+    (they will be logged again); the file is rewritten to a temporary file and renamed, so a kill at
+    any moment leaves either the old file or the new one, never a shorter one."""
+    rows = []
+    if step and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a", newline="")
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int = 8) -> None:
     import torchvision
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torchvision.utils.save_image(x.float().cpu() * 0.5 + 0.5, path, nrow=nrow)  # [-1, 1] -> [0, 1]
 
 
-def save_pngs(x: torch.Tensor, folder: str) -> None:
-    """One PNG per image (000000.png, ...), the format FID tools read."""
+def save_pngs(x: torch.Tensor, folder: str, labels=None) -> None:
+    """One PNG per image (000000.png, ..., or 000000_class3.png with labels), the format FID tools read."""
     from PIL import Image
     os.makedirs(folder, exist_ok=True)
-    for old in os.listdir(folder):  # drop an earlier run's images, or an FID tool would count them
-        if re.fullmatch(r"\d{6}\.png", old):
+    for old in os.listdir(folder):  # drop this script's earlier images there, or an FID tool would count them
+        if re.fullmatch(r"\d{6}(_class\d+)?\.png", old):
             os.remove(os.path.join(folder, old))
     pixels = ((x.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     for i, p in enumerate(pixels):  # (H, W, C) uint8
-        Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(os.path.join(folder, f"{i:06d}.png"))
+        name = f"{i:06d}.png" if labels is None else f"{i:06d}_class{int(labels[i])}.png"
+        Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(os.path.join(folder, name))
+
+
+def sample_dir(cfg, state: dict) -> str:
+    """Where --sample writes: the checkpoint's folder if this script wrote it, else a subfolder named after
+    this script (and --out anywhere), so that sampling another script's run never replaces its files."""
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    return folder if state.get("script", guess_writer(state)) == PROG else os.path.join(folder, f"{PROG}-samples")
 
 
 def stack_progression(folder: str, out_path: str) -> None:
     """Stack the first row of every samples/step_N.png into one image: samples over training."""
     from PIL import Image
-    grids = [Image.open(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
-             if re.fullmatch(r"step_\d+\.png", f)]
+    grids = []
+    for name in sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d+\.png", f)):
+        try:  # a grid cut short by a kill is skipped, not fatal
+            with Image.open(os.path.join(folder, name)) as grid:
+                grids.append(grid.convert("RGB"))
+        except OSError:
+            pass
+    if not grids:
+        return
     height = (grids[0].width - 2) // 8 + 2  # save_grid: 8 tiles a row with 2-pixel padding
     canvas = Image.new("RGB", (grids[0].width, height * len(grids)))
     for i, grid in enumerate(grids):
@@ -460,7 +923,7 @@ def stack_progression(folder: str, out_path: str) -> None:
     canvas.save(out_path)
 
 
-def run_fid(cfg: Config, images: torch.Tensor, run_dir: str, step: int) -> float:
+def run_fid(cfg, images: torch.Tensor, run_dir: str, step: int) -> float:
     """FID of generated images against the training set, printed and appended to fid.csv.
     fid.py is imported only here: the scripts need it only when --fid is asked for."""
     import fid
@@ -481,172 +944,31 @@ def run_fid(cfg: Config, images: torch.Tensor, run_dir: str, step: int) -> float
 # <<< shared: plumbing
 
 
-def train(cfg: Config) -> None:
-    # --- plumbing: device, run directory, checkpoint to resume, data ---
-    device = pick_device(cfg.device)
-    run_dir = cfg.out or f"runs/{PROG}-{os.path.basename(cfg.dataset.rstrip('/')).removesuffix('.npy')}"
-    ckpt_path = cfg.ckpt or os.path.join(run_dir, "ckpt.pt")
-    if not cfg.resume and os.path.exists(ckpt_path):  # never overwrite a trained model by accident
-        sys.exit(f"{PROG}: {ckpt_path} exists; pass --resume to continue that run or --out NEW_DIR to start anew")
-    state = load_checkpoint(ckpt_path) if cfg.resume else None
-    if state:  # the network and the likelihood are fixed by the checkpoint
-        cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls/convs
-    data, test = get_test_data(cfg, get_data(cfg))  # (N, C, H, W) in [-1, 1]; test stays on the host
-    data = data.to(device)
-    cfg.image_size = data.shape[-1]
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+# >>> shared: progress
+class Progress:
+    """'sampling: 1200/2000 (60%) | 3.4 img/s | ETA 3m52s' for a long wait: rewritten in place on a
+    terminal; in a file or a CI log, a new line every PROGRESS_EVERY seconds (10) and one at the end."""
+    EVERY = float(os.environ.get("PROGRESS_EVERY", 10))
 
-    # --- core: the network and the optimiser ---
-    model = build_model(cfg, data.shape[1]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        print(f"resumed from {ckpt_path} at step {step}")
-    train_model = torch.compile(model) if cfg.compile else model  # shares the weights; we save `model`
-    decoder = "bernoulli" if cfg.likelihood == "bernoulli" else \
-        f"gaussian, σ {'learned from' if cfg.learn_sigma else 'fixed at'} {cfg.sigma}"
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(data)} images "
-          f"{tuple(data.shape[1:])}, {len(test)} test | {device} | {'bf16' if use_bf16(cfg, device) else 'fp32'} | "
-          f"latent {cfg.latent}, {decoder} decoder, β={cfg.beta}")
+    def __init__(self, label: str, total: int, unit: str = "img"):
+        self.label, self.total, self.unit, self.shown, self.done = label, total, unit, False, False
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "config": dataclasses.asdict(cfg), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.empty(0)})
-
-    def sample_grid():  # the same z's every time: the grids show progress, not luck
-        model.eval()
-        generator = torch.Generator(device).manual_seed(cfg.seed)
-        save_grid(generate(model, cfg, 64, data.shape[1:], device, generator),
-                  os.path.join(run_dir, "samples", f"step_{step:07d}.png"))
-        stack_progression(os.path.join(run_dir, "samples"), os.path.join(run_dir, "progression.png"))
-        shown = test[:32]  # the same test images every time, never trained on
-        save_grid(above_below(shown, reconstruct(model, cfg, shown, device)), os.path.join(run_dir, "reconstructions.png"))
-        pairs = test[:2 * min(8, len(test) // 2)]  # up to 8 pairs of test images
-        if len(pairs):
-            save_grid(interpolate(model, cfg, pairs[0::2], pairs[1::2], device),
-                      os.path.join(run_dir, "interpolation.png"), nrow=10)
-
-    metrics = open_metrics(os.path.join(run_dir, "metrics.csv"), step,
-                           ["step", "loss", "reconstruction", "kl", "sigma", "lr", "images_per_s", "elapsed_s"])
-    writer = csv.writer(metrics)
-    sums, start, last_time, last_step = torch.zeros(3, device=device), time.time(), time.time(), step
-    while step < cfg.steps:
-        # --- core: one training step ---
-        model.train()
-        x = data[torch.randint(0, len(data), (cfg.batch_size,), device=device)]  # (B, C, H, W)
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-            loss, nll, kl = vae_loss(train_model, x, cfg.beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums += torch.stack([loss.detach(), nll.mean(), kl.mean()])  # on the device: no synchronisation until we log
-        step += 1
-
-        # --- plumbing: log, sample, checkpoint ---
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            mean_loss, mean_nll, mean_kl = (sums / (step - last_step)).tolist()
-            if not math.isfinite(mean_loss):
-                sys.exit(f"{PROG}: the loss became {mean_loss} by step {step}; lower --lr and run again "
-                         f"with --resume (it continues from the last checkpoint, written before this)")
-            now = time.time()
-            speed = (step - last_step) * cfg.batch_size / (now - last_time)
-            sigma = model.log_sigma.exp().item() if cfg.likelihood == "gaussian" else float("nan")
-            print(f"step {step:>7}/{cfg.steps} | loss {mean_loss:.4f} | recon {mean_nll:8.2f} | KL {mean_kl:6.2f} | "
-                  + (f"σ {sigma:.4f} | " if cfg.likelihood == "gaussian" else "")
-                  + f"{speed:7.1f} img/s | ETA {(cfg.steps - step) * cfg.batch_size / speed / 3600:5.2f} h", flush=True)
-            writer.writerow([step, f"{mean_loss:.6f}", f"{mean_nll:.6f}", f"{mean_kl:.6f}", f"{sigma:.6f}",
-                             f"{cfg.lr:.3e}", f"{speed:.1f}", f"{now - start:.1f}"])
-            metrics.flush()
-            sums.zero_()
-            last_time, last_step = now, step
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            sample_grid()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
-    metrics.close()
-    print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min; run in {run_dir}")
-
-    # --- the test −ELBO: how well the model explains images it never saw, in nats and bits/dim ---
-    result = {"step": step, **evaluate(model, test, device, cfg.batch_size, cfg.seed)}
-    with open(os.path.join(run_dir, "test_elbo.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    kind = ("Bernoulli on grey levels: a cross-entropy, not a probability of 8-bit images, as pytorch/examples"
-            if cfg.likelihood == "bernoulli" else "discretised Gaussian: an upper bound on −log p of the 8-bit image")
-    print(f"test −ELBO {result['neg_elbo']:.2f} nats/image (reconstruction {result['reconstruction']:.2f} + "
-          f"KL {result['kl']:.2f}) = {result['bits_per_dim']:.4f} bits/dim on {len(test)} test images ({kind})")
-    if cfg.fid:
-        run_fid(cfg, generate(model, cfg, cfg.fid, data.shape[1:], device,
-                              torch.Generator(device).manual_seed(cfg.seed + 1)), run_dir, step)
-
-
-# =============================================================================================
-# 7. Main: train, or generate from a checkpoint
-# =============================================================================================
-def load_for_sampling(cfg: Config):
-    """The network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
-    state = load_checkpoint(cfg.ckpt)
-    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
-    channels = state["model"]["encoder.0.weight"].shape[1]
-    model = build_model(cfg, channels)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state["step"]
-
-
-def sample_mode(cfg: Config) -> None:
-    """--sample: N PNGs and a grid from a checkpoint, with the speed (and FID with --fid). The images
-    are prior samples, or with --reconstruct the reconstructions of the first N test images."""
-    device = pick_device(cfg.device)
-    model, cfg, shape, step = load_for_sampling(cfg)
-    model.to(device)
-    run_dir = cfg.out or os.path.dirname(os.path.abspath(cfg.ckpt))
-    n = max(cfg.num_samples, cfg.fid)
-    start = time.time()
-    if cfg.reconstruct:
-        _, test = get_test_data(cfg, get_data(cfg))
-        if len(test) < n:
-            sys.exit(f"{PROG}: --num-samples/--fid {n}: only {len(test)} test images to reconstruct")
-        images, name = reconstruct(model, cfg, test[:n], device), "reconstructed"
-        save_grid(above_below(test[:min(n, 64)], images[:64]), os.path.join(run_dir, f"{name}_grid.png"))
-    else:
-        images, name = generate(model, cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed)), "generated"
-        save_grid(images[:64], os.path.join(run_dir, f"{name}_grid.png"))
-    seconds = time.time() - start  # generate() and reconstruct() end by copying to the host: the clock is honest
-    save_pngs(images, os.path.join(run_dir, name))
-    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
-          f"reconstruct={cfg.reconstruct}) -> {run_dir}/{name}/")
-    if cfg.fid:
-        run_fid(cfg, images[:cfg.fid], run_dir, step)
-
-
-def main(cfg: Config) -> None:
-    for name in ("latent", "channels", "steps", "batch_size", "log_every", "sample_every", "ckpt_every",
-                 "num_samples"):
-        if getattr(cfg, name) < 1:
-            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.sigma <= 0 or cfg.beta < 0 or cfg.lr <= 0 or cfg.fid < 0:
-        sys.exit(f"{PROG}: need --sigma > 0, --beta >= 0, --lr > 0 and --fid >= 0")
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
-    if cfg.reconstruct and not cfg.sample:
-        sys.exit(f"{PROG}: --reconstruct works with --sample --ckpt RUN/ckpt.pt")
-    if cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
+    def update(self, done: float) -> None:
+        now, finished = time.time(), done >= self.total
+        if self.done or not finished and now - self.last < (min(0.5, self.EVERY) if self.tty else self.EVERY):
+            return
+        if finished and not self.shown and now - self.start < 2 and self.EVERY > 0:
+            return  # a wait too short to need a progress line
+        self.last, self.shown, self.done, rate = now, True, finished, done / max(now - self.start, 1e-9)
+        clock = lambda s: f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m" if s >= 3600 else f"{s // 60:.0f}m{s % 60:02.0f}s"
+        line = (f"{self.label}: {done:.0f}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%) | "
+                f"{rate:.1f} {self.unit}/s | " + (f"done in {clock(now - self.start)}" if finished else
+                                                 f"ETA {clock((self.total - done) / max(rate, 1e-9))}"))
+        print("\r" + line + "   " if self.tty else line, end="\n" if finished or not self.tty else "", flush=True)
+# <<< shared: progress
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main)

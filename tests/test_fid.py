@@ -379,3 +379,83 @@ def test_bad_inputs_raise_one_clear_line(tmp_path, case):
         fid.main(fid.parse_args([str(source), str(folder), "--weights", "random"]))
     message = str(error.value.code)
     assert message.startswith("fid: ") and "\n" not in message and expected in message
+
+
+# ---------- .npy files: the training scripts' pixel rule; the mistakes a user can make ----------
+def npy_cases(tmp_path):
+    """The same 4 grey 16x16 images saved as uint8, int64, floats in [0, 1] and floats in [-1, 1]."""
+    pixels = np.random.default_rng(5).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    cases = {"uint8": pixels, "int64": pixels.astype(np.int64), "unit": pixels / 255.0,
+             "signed": pixels.astype(np.float32) / 127.5 - 1}
+    for name, array in cases.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    return pixels, {name: tmp_path / f"{name}.npy" for name in cases}
+
+
+def test_npy_files_are_read_by_the_scripts_rule(tmp_path):
+    """fid.py and the scripts' get_data read a .npy file as the same pixels: integers are 0..255, floats
+    [0, 1], or [-1, 1] if any value is negative (a float [0, 1] file used to become 128..255 here)."""
+    sys.path.insert(0, str(ROOT))
+    import dcgan
+    pixels, paths = npy_cases(tmp_path)
+    for name, path in paths.items():
+        assert torch.equal(fid.read_npy(path)[:, 0], torch.from_numpy(pixels)), name
+        scripts_view = dcgan.get_data(dcgan.Config(dataset=str(path)))[0]  # (N, 1, H, W) in [-1, 1]
+        assert torch.equal(fid.to_uint8(scripts_view), fid.read_npy(path)), name  # the tensor --fid hands over
+    np.save(tmp_path / "f255.npy", pixels.astype(np.float64))
+    with pytest.raises(SystemExit, match=r"\[0, 1\] or \[-1, 1\]"):
+        fid.read_npy(tmp_path / "f255.npy")
+
+
+def test_a_float_npy_dataset_against_itself_scores_zero(tmp_path):
+    """The path of `dcgan.py --dataset images.npy --fid N`: the training images, as get_data gives them,
+    against the .npy file itself as the reference. The same images must give FID ≈ 0."""
+    sys.path.insert(0, str(ROOT))
+    import dcgan
+    _, paths = npy_cases(tmp_path)
+    cfg = dcgan.Config(dataset=str(paths["unit"]), fid_weights="random", device="cpu", data_root=str(tmp_path))
+    images = dcgan.get_data(cfg)[0]
+    value = dcgan.run_fid(cfg, images, str(tmp_path), step=0)
+    reference, misread = fid.statistics(str(paths["unit"]), weights="random"), fid.statistics(images * 0.5 + 0.5,
+                                                                                             weights="random")
+    assert 0 <= value < 1e-6 * np.trace(reference.sigma), value
+    # the old misreading (a [0, 1] file taken as [-1, 1]: pixels 128..255) is far from it: ‖Δμ‖², a lower
+    # bound on its FID, is already far above the round-off level that `value` stays under
+    assert np.sum((misread.mu - reference.mu) ** 2) > 1e-3 * np.trace(reference.sigma)
+
+
+@pytest.mark.parametrize("case", ["junk npy", "object npy", "text npy", "empty weights", "junk weights",
+                                  "tensor weights", "cuda"])
+def test_bad_files_and_devices_are_one_line(tmp_path, case):
+    np.save(tmp_path / "objects.npy", np.array([{}, None], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    folder = make_pngs(tmp_path / "images", 2, 16, "RGB")
+    args, expected = {"junk npy": (["junk.npy", folder], "cannot read"), "object npy": (["objects.npy", folder], "cannot read"),
+                      "text npy": (["text.npy", folder], "cannot read <U1"),
+                      "empty weights": ([folder, folder, "--weights", "empty.pth"], "empty (0 bytes)"),
+                      "junk weights": ([folder, folder, "--weights", "junk.pth"], "not an Inception v3 state dict"),
+                      "tensor weights": ([folder, folder, "--weights", "tensor.pth"], "not an Inception v3 state dict"),
+                      "cuda": ([folder, folder, "--device", "cuda"], "--device cuda is not available")}[case]
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as error:
+            fid.main(fid.parse_args([str(a) for a in args]))
+    finally:
+        os.chdir(cwd)
+    message = str(error.value.code)
+    assert message.startswith("fid: ") and "\n" not in message and expected in message, message
+
+
+def test_feature_extraction_prints_progress_that_ends_at_100_percent(image_sets, capsys, monkeypatch):
+    monkeypatch.setattr(fid.Progress, "EVERY", 0)  # PROGRESS_EVERY=0: a line per batch
+    fid.statistics(image_sets[0.1], weights="random", batch_size=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" img")[0].split(": ")[1] for line in lines] == ["3/4", "4/4"], lines
+    assert lines[0].startswith("Inception features") and "(100%)" in lines[-1] and "done in" in lines[-1]

@@ -5,7 +5,7 @@ import re
 
 from conftest import ROOT
 
-SCRIPTS = ["ddpm.py", "ddim.py", "dcgan.py", "vae.py", "vaegan.py"]
+SCRIPTS = ["ddpm.py", "ddim.py", "dcgan.py", "vae.py", "vaegan.py", "fid.py"]
 BLOCK = re.compile(r"^# >>> shared: (\S+)\n(.*?)^# <<< shared: \1$", re.S | re.M)
 
 
