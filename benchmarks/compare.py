@@ -316,18 +316,21 @@ def shown(command: list) -> str:
 
 
 def run_command(command: list, log_path: str, quiet: bool) -> tuple:
-    """Run a script from the repository root; its output goes to log_path (and to our stdout unless
-    quiet). Returns (output, wall-clock seconds). A failure stops everything: rerun to resume."""
+    """Run a script from the repository root; its output goes to log_path and to our stdout (with --quiet,
+    only its progress lines, one every 30 s). Returns (output, wall-clock seconds). A failure stops
+    everything: rerun to resume."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     print(f"compare: $ {shown(command)}", flush=True)
-    start, lines = time.perf_counter(), []
+    start, lines, echoed = time.perf_counter(), [], 0.0
     with open(log_path, "w") as log, subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True) as process:
-        for line in process.stdout:
+        for line in process.stdout:  # the scripts print a progress line (ETA) every few seconds
             lines.append(line)
             log.write(line)
-            if not quiet:
+            progress = "ETA" in line or "done in" in line
+            if not quiet or progress and time.perf_counter() - echoed > 30:  # --quiet: progress, every 30 s
                 print("    " + line, end="", flush=True)
+                echoed = time.perf_counter() if quiet else echoed
     seconds = time.perf_counter() - start
     if process.returncode:
         sys.exit(f"compare: this command failed (exit {process.returncode}; its output is in {log_path}): "
@@ -660,7 +663,8 @@ def parse_args(argv=None):
                         "training set, cifar10-train or mnist-train; any source fid.py takes)")
     parser.add_argument("--fid-batch-size", type=int, default=200, help="images per Inception batch")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="where FID runs")
-    parser.add_argument("--quiet", action="store_true", help="do not echo the scripts' output (it is in OUT/logs/)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="echo only the scripts' progress lines, one every 30 s (all their output is in OUT/logs/)")
     args = parser.parse_args(argv)
     if args.smoke:
         if args.preset not in (None, "smoke"):

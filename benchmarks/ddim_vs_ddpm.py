@@ -18,6 +18,7 @@ Prints a Markdown table and the machine it ran on, ready for README.md.
 """
 import argparse
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -45,7 +46,10 @@ def parse_args(argv=None):
                         help="DDPM's σ_t²: β_t (the paper's CIFAR-10 choice) or β̃_t (what DDIM's η = 1 uses)")
     parser.add_argument("--ddim-steps", default="10,20,50,100", help="DDIM's S values, comma-separated")
     parser.add_argument("--etas", default="0,1", help="DDIM's η values, comma-separated")
-    parser.add_argument("--skip", default="uniform", choices=["uniform", "quadratic"], help="DDIM's τ (see ddim.py)")
+    parser.add_argument("--skip", default=ddim.Config.skip, choices=["uniform", "trailing", "quadratic"],
+                        help=f"DDIM's τ, see ddim.py (default: ddim.py's, {ddim.Config.skip})")
+    parser.add_argument("--clip-x0", default=ddim.Config.clip_x0, action=argparse.BooleanOptionalAction,
+                        help=f"clip DDIM's predicted x_0 to [-1, 1] (default: ddim.py's, {ddim.Config.clip_x0})")
     parser.add_argument("--out", default="", help="where the PNGs go (default: <checkpoint folder>/ddim_vs_ddpm)")
     parser.add_argument("--data-root", default="data", help="where torchvision datasets are (for the quality measure)")
     parser.add_argument("--fid-weights", default="", help="non-MNIST quality: Inception weights for fid.py "
@@ -84,6 +88,42 @@ def quality_measure(dataset: str, args):
     return "n/a (pass --fid-weights to measure FID)", None
 
 
+def tradeoff_figure(rows: list, etas: list, path: str, measure: str, note: str) -> None:
+    """Quality (y) against network calls per image (x, log scale): one line per η, DDPM as a point.
+    rows: [(label, calls, seconds, quality)], DDPM first; drawn with Pillow only (compare.py's helpers)."""
+    from PIL import Image, ImageDraw
+    import compare
+    points = [(calls, float(q)) for _, calls, _, q in rows]
+    W, H, left, right, top, bottom = 640, 420, 70, 620, 50, 360
+    image = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(image)
+    xs, ys = [c for c, _ in points], [q for _, q in points]
+    xlo, xhi, ticks = min(xs) / 1.3, max(xs) * 1.3, compare.nice_ticks(0, max(ys))
+    px = lambda c, q: (left + (right - left) * math.log(c / xlo) / math.log(xhi / xlo),  # noqa: E731
+                       bottom - (bottom - top) * q / ticks[-1])
+    compare.write(draw, (left, 12), f"{measure} against network calls per image ({note})", 13, fill="black")
+    for t in ticks:
+        draw.line((left, px(xlo, t)[1], right, px(xlo, t)[1]), fill=(220, 220, 220))
+        compare.write(draw, (left - 6, px(xlo, t)[1]), f"{t:g}", 10, fill="black", anchor="rm")
+    for c in compare.log_ticks(xlo, xhi):
+        compare.write(draw, (px(c, 0)[0], bottom + 6), f"{c:g}", 10, fill="black", anchor="mt")
+    compare.write(draw, ((left + right) // 2, bottom + 24), "network calls per image (log scale)", 11,
+                  fill="black", anchor="mt")
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for i, eta in enumerate(etas):  # the DDIM rows come after DDPM's, S by S, each with every η
+        line = [px(c, q) for (c, q), (label, *_) in zip(points[1:], rows[1:]) if f"η = {eta:g}," in label]
+        color = compare.COLORS[i % len(compare.COLORS)]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=2)
+        for x, y in line:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        compare.write(draw, (right - 8, top + 8 + 15 * i), f"DDIM, η = {eta:g}", 11, fill=color, anchor="ra")
+    x, y = px(*points[0])
+    draw.rectangle((x - 5, y - 5, x + 5, y + 5), outline="black", width=2)
+    compare.write(draw, (x - 8, y - 8), f"DDPM, {points[0][0]} calls", 11, fill="black", anchor="rb")
+    image.save(path)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU: {torch.cuda.get_device_name(device)}"
@@ -102,7 +142,7 @@ def main(args):
         ckpt=args.ckpt, batch_size=args.batch_size, precision=args.precision, device=args.device, var=args.var))
     model = model.to(device)
     ddim_cfg = ddim.Config(**{k: getattr(ddpm_cfg, k) for k in ddim.ARCH_FIELDS}, batch_size=args.batch_size,
-                           precision=args.precision, device=args.device, skip=args.skip)
+                           precision=args.precision, device=args.device, skip=args.skip, clip_x0=args.clip_x0)
     T = ddpm_cfg.timesteps
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "ddim_vs_ddpm")
     settings = [(f"DDPM (σ² = {'β̃' if args.var == 'beta_tilde' else 'β'}, clipped x̂₀)", f"ddpm-T{T}", T,
@@ -113,7 +153,8 @@ def main(args):
             continue
         for eta in args.etas:
             cfg = dataclasses.replace(ddim_cfg, sample_steps=S, eta=eta)
-            settings.append((f"DDIM η = {eta:g}, {args.skip} τ", f"ddim-S{S}-eta{eta:g}", S,
+            settings.append((f"DDIM η = {eta:g}, {args.skip} τ{', clipped x̂₀' if args.clip_x0 else ''}",
+                             f"ddim-S{S}-eta{eta:g}", S,
                              lambda n, g, cfg=cfg: ddim.generate(model, cfg, n, shape, device, g)))
     measure_name, measure = quality_measure(ddpm_cfg.dataset, args)
     print(f"{args.ckpt} (step {state['step']}, {ddpm_cfg.dataset}, {ddpm_cfg.schedule} schedule, T = {T}) | "
@@ -142,7 +183,10 @@ def main(args):
     print(f"\ncommand: python benchmarks/ddim_vs_ddpm.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine(device)}; torch {torch.__version__}")
     print(f"quality: {measure_name}\nimages: {out}/<setting>/, first 8 of each setting (one row each) "
-          f"in {out}/comparison.png\n")
+          f"in {out}/comparison.png; quality against network calls in {out}/tradeoff.png\n")
+    if measure:
+        tradeoff_figure(rows, args.etas, os.path.join(out, "tradeoff.png"), measure_name.split(" (")[0],
+                        f"{args.num_samples} samples per point, {args.skip} τ{', clipped x̂₀' if args.clip_x0 else ''}")
     # ms per batched network call should be the same in every row (the samplers differ only in how
     # many calls they make); a row that differs was disturbed by something else running on the machine
     batches = -(-args.num_samples // args.batch_size)

@@ -25,3 +25,18 @@ def test_mnist_fid_ranks_real_digits_far_above_noise():
     scores = [mnist_fid.score(x, MNIST_ROOT) for x in (real, blurred, noise)]
     assert scores[0] < scores[1] < scores[2] and scores[0] < 20, scores
     assert np.isfinite(scores).all()
+
+
+def test_gpu_check_runs_its_whole_plan_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every check of the GPU plan, on the CPU with tiny networks, so
+    that the script is known to work before a GPU is ever lent (compilation skipped: minutes on a CPU)."""
+    r = run_script("benchmarks/gpu_check.py", "--dry-run", "--skip", "compile", "--out", str(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    checks = [line.split(" | ")[0][2:] for line in table[1:]]
+    assert checks == ["ddpm.py"] * 2 + ["dcgan.py"] * 2 + ["vae.py"] * 2 + ["vaegan.py"] * 2 + \
+        ["ddpm.py under torchrun", "ddpm.py resumed"], checks
+    assert all("| NO |" not in line and "FAILED" not in line for line in table), table
+    assert "| yes | n steps + --resume" in r.stdout  # the resume check is exact
+    for line in ("ddpm.py --sample:", "ddim.py --sample:", "fid.py (random Inception):", "800k DDPM steps"):
+        assert line in r.stdout and "FAILED" not in r.stdout.split(line)[1].splitlines()[0], line

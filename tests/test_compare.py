@@ -203,3 +203,13 @@ def expected_models_of(preset):
     data = {"cpu-mnist": "mnist", "gpu-cifar10": "cifar10", "smoke": "x.npy"}[preset]
     n = {"cpu-mnist": 2000, "gpu-cifar10": 50_000, "smoke": 16}[preset]
     return [m for m in compare.preset_models(preset, data, n) if os.path.exists(os.path.join(ROOT, m.script))]
+
+
+def test_the_columns_compare_reads_are_in_every_scripts_metrics_csv(smoke):
+    """compare.py measures each model on named metrics.csv columns (falling back to "loss" if one is
+    missing, which would silently measure the wrong curve): the scripts must keep writing them."""
+    out, _ = smoke
+    for m in expected_models():
+        if not m.source:
+            header = open(out / "runs" / m.key / "metrics.csv").readline().strip().split(",")
+            assert {m.loss, *m.also} <= set(header), (m.key, header)
