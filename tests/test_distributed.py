@@ -110,3 +110,19 @@ def test_bf16_run_trains_and_logs(tmp_path, tiny_npy):
     r = run_script("ddpm.py", "--dataset", tiny_npy, "--out", out, "--steps", "2", "--precision", "bf16", *TINY)
     assert r.returncode == 0, r.stderr
     assert "| bf16 |" in r.stdout and len(losses(out)) == 2
+
+
+def test_class_conditional_training_is_the_same_on_two_processes(tmp_path, tiny_npy):
+    """--class-cond under torchrun: the null labels come from the generator that every process shares with
+    t and ε, so two processes × 4 images take the steps of one process on all 8 (equal to rounding)."""
+    import numpy as np
+    labels = str(tmp_path / "labels.npy")
+    np.save(labels, np.arange(len(np.load(tiny_npy))) % 3)
+    flags = ["--dataset", tiny_npy, "--labels", labels, "--class-cond", "--steps", "2", *TINY]
+    r = torchrun("ddpm.py", *flags, "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 8 = 2 processes × 4" in r.stdout
+    r = run_script("ddpm.py", *flags, "--out", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert b[1] == pytest.approx(a[1], abs=2e-6) and b[2] == pytest.approx(a[2], rel=1e-4), (a, b)

@@ -48,7 +48,8 @@ def trace_sqrt_denman_beavers(a, b, steps=60):
     y, z = a @ b, np.eye(len(a))
     for _ in range(steps):
         y, z = (y + np.linalg.inv(z)) / 2, (z + np.linalg.inv(y)) / 2
-    assert np.allclose(y @ y, a @ b, rtol=1e-8, atol=1e-10)
+    assert np.abs(y @ y - a @ b).max() <= 1e-9 * np.abs(a @ b).max()  # converged (elementwise rtol is too strict for
+    # the near-zero entries, whose rounding depends on the BLAS's thread count)
     return np.trace(y)
 
 
