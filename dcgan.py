@@ -15,7 +15,7 @@ Commands
   python dcgan.py --sample --ckpt runs/dcgan-cifar10/best.pt --num-samples 50000 \
       --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # Inception FID on the papers' ruler
   python dcgan.py --dataset mnist --g-channels 64 --d-channels 64 --steps 6000 --check-every 250 --device cpu ...
-        # a CPU recipe: README.md has the exact command, its time on 2 cores and its MNIST score
+        # a CPU recipe: docs/dcgan.md has the exact command, its time on 2 cores and its MNIST score
 
 Sections
   1. Config     2. Data     3. Model (G and D)     4. Objective (the minimax game, BCE on logits)

@@ -18,7 +18,7 @@ Commands
   python vae.py --sample --ckpt runs/vae-cifar10/ckpt.pt --num-samples 50000 \
       --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # Inception FID on the papers' ruler
   python vae.py --dataset mnist --likelihood bernoulli --channels 16 --steps 8000 --device cpu ...
-        # a CPU recipe: test −ELBO 97.4 nats (pytorch/examples' MLP VAE: ≈ 104); README.md has the
+        # a CPU recipe: test −ELBO 97.4 nats (pytorch/examples' MLP VAE: ≈ 104); docs/vae.md has the
         # exact command, its time on 2 cores and its MNIST score
   python vae.py --sample --reconstruct --ckpt RUN/ckpt.pt    # reconstructions of test images, as PNGs
 
@@ -34,7 +34,7 @@ Where we depart from the paper (and why)
     bin (as Ho et al. 2020 do for their last step), so −ELBO is in nats of the actual 8-bit image,
     comparable with other models' bits/dim. A plain density on discrete pixels has no lower limit.
   - The default decoder is Bernoulli, on grey levels, as in pytorch/examples: on MNIST its prior samples
-    scored far better than the Gaussian decoder's (README.md has the figures); the Gaussian gives
+    scored far better than the Gaussian decoder's (docs/vae.md has the figures); the Gaussian gives
     sharper reconstructions and honest bits/dim, but its prior draws fall between the training codes.
   - Images shown are the decoder's mean E[x|z], not a draw from p(x|z): independent pixel noise would
     only add static (every VAE paper shows means). Likelihoods are always those of p(x|z) itself.

@@ -19,7 +19,7 @@ Commands
   python vaegan.py --sample --ckpt runs/vaegan-cifar10/ckpt.pt --num-samples 50000 \
       --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # Inception FID on the papers' ruler
   python vaegan.py --dataset mnist --gamma 0.001 --adv-weight 0.1 --steps 2600 --device cpu ...
-        # a CPU recipe: README.md has the exact command, its time on 2 cores and its MNIST score
+        # a CPU recipe: docs/vaegan.md has the exact command, its time on 2 cores and its MNIST score
   python vaegan.py --sample --reconstruct --ckpt RUN/ckpt.pt   # reconstructions of test images, as PNGs
 
 Sections
