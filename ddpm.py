@@ -83,7 +83,7 @@ class Config:
     num_classes: int = 0  # with --class-cond: how many classes (0: max label + 1)
     labels: str = ""  # with a .npy --dataset: a .npy of integer labels (N,) or one-hot rows (N, K)
     p_uncond: float = 0.1  # with --class-cond: probability of training on the null label ∅ instead (paper: 0.1-0.2)
-    guidance: float = 1.0  # w, sampling a class-conditional model: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: no guidance
+    guidance: float = 0.5  # w for a class-conditional model: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: none (why 0.5: docs/ddpm.md)
     label: int = -1  # with --sample or --visualize on a class-conditional model: only this class (-1: every class in turn)
     # --- optimisation ---
     steps: int = 800_000  # training steps (paper: 800k on CIFAR-10)
