@@ -100,7 +100,7 @@ def preset_models(preset: str, data: str, n: int) -> list:
             *[Model(f"ddpm-{s}", f"DDPM ({s}, T = 100)", "ddpm.py", ["--schedule", s, *ddpm_train], ddpm_sample,
                     **ddpm_loss) for s in ("cosine", "linear")],
             Model("ddim", "DDIM, 50 steps, η = 1 (DDPM cosine's checkpoint)", "ddim.py", [],
-                  ["--sample-steps", "50", "--eta", "1", "--num-samples", str(n), "--batch-size", "64",
+                  ["--sample-steps", "50", "--eta", "1", "--no-clip-x0", "--num-samples", str(n), "--batch-size", "64",
                    "--precision", "bf16", *cpu], source="ddpm-cosine", **ddpm_loss),
             Model("dcgan", "DCGAN (best.pt)", "dcgan.py",
                   ["--dataset", data, "--g-channels", "64", "--d-channels", "64", "--steps", "6000", "--check-every",
@@ -121,7 +121,7 @@ def preset_models(preset: str, data: str, n: int) -> list:
                         **ddpm_loss) for s in ("linear", "cosine")]
         for s in ("linear", "cosine"):
             models += [Model(f"ddim{k}-{s}", f"DDIM, {k} steps, η = 0 (DDPM {s})", "ddim.py", [],
-                             ["--sample-steps", str(k), "--eta", "0", "--skip", "quadratic", *big],
+                             ["--sample-steps", str(k), "--eta", "0", "--skip", "quadratic", "--no-clip-x0", *big],
                              source=f"ddpm-{s}", **ddpm_loss) for k in (50, 100)]
         return models + [
             Model("dcgan", "DCGAN (best.pt)", "dcgan.py", ["--dataset", data], big, ckpt="best.pt", **gan),
