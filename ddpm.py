@@ -264,8 +264,10 @@ def get_data(cfg: Config):
             array = np.load(name, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
         except (ValueError, OSError) as e:
             sys.exit(f"{PROG}: cannot read {name} as a numpy array: {first_line(e)}")
-        shape_only = array.dtype.kind in "iufb" and array.ndim not in (3, 4)  # numbers, but not images:
-        images = torch.empty(array.shape, dtype=torch.uint8) if shape_only else pixels_to_uint8(array, name)  # see below
+        if array.dtype.kind in "iufb" and array.ndim not in (3, 4):  # numbers, but not a stack of images:
+            images = torch.empty(array.shape, dtype=torch.uint8)  # the shape check below names it, pixels unread
+        else:
+            images = pixels_to_uint8(array, name)
         labels = read_labels(cfg.labels, len(images)) if getattr(cfg, "labels", "") else None
     else:
         sys.exit(f"{PROG}: --dataset {name!r} is not cifar10, mnist, "
