@@ -1,4 +1,5 @@
 """dcgan.py: the networks, the game's losses, the quality check, and the script end to end."""
+import copy
 import csv
 import math
 import os
@@ -142,6 +143,24 @@ def test_generate_is_reproducible_and_independent_of_the_batch():
     two = dcgan.generate(G, dcgan.Config(batch_size=3), 10, None, torch.device("cpu"), torch.Generator().manual_seed(3))
     assert one.shape == (10, 3, 16, 16) and torch.allclose(one, two, atol=1e-6)  # eval-mode BatchNorm
     assert G.training  # the caller's mode is restored
+
+
+def test_the_quality_checks_batch_statistics_mode_normalises_each_batch_and_leaves_g_alone():
+    """batch_statistics=True (what the check uses): each batch's images are normalised with that batch's
+    own BatchNorm statistics, so they depend on the batch size, and G's running statistics do not move."""
+    G, _ = tiny_nets(16, 3)
+    G.eval()
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    cfg = dcgan.Config(batch_size=8, latent=100)
+    gen = lambda size: dcgan.generate(G, dcgan.Config(batch_size=size), 10, None, torch.device("cpu"),  # noqa: E731
+                                      torch.Generator().manual_seed(3), batch_statistics=True)
+    whole, split = gen(10), gen(5)
+    assert not torch.allclose(whole, split, atol=1e-3)  # the batch's statistics, not the running ones
+    for i in range(0, 10, 5):  # = G in training mode on each batch of 5
+        z = torch.randn(10, cfg.latent, generator=torch.Generator().manual_seed(3))[i:i + 5]
+        expected = copy.deepcopy(G).train()(z)
+        assert torch.allclose(split[i:i + 5], expected, atol=1e-6)
+    assert not G.training and all(torch.equal(v, before[k]) for k, v in G.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------
