@@ -40,3 +40,20 @@ def test_gpu_check_runs_its_whole_plan_on_the_cpu(tmp_path):
     assert "| yes | n steps + --resume" in r.stdout  # the resume check is exact
     for line in ("ddpm.py --sample:", "ddim.py --sample:", "fid.py (random Inception):", "800k DDPM steps"):
         assert line in r.stdout and "FAILED" not in r.stdout.split(line)[1].splitlines()[0], line
+
+
+def test_plot_metrics_draws_the_named_columns_and_names_a_missing_one(tmp_path):
+    """A metrics.csv as the scripts write it: the PNG shows one line per column (its colour is in the
+    picture); a column that is not there is one line naming the columns that are."""
+    from PIL import Image
+    with open(tmp_path / "metrics.csv", "w") as f:
+        f.write("step,d_real,d_fake,elapsed_s\n" + "".join(f"{s},{0.9 - s / 1e4},{0.1 + s / 1e4},{s}\n"
+                                                         for s in range(100, 1100, 100)))
+    out = tmp_path / "d.png"
+    r = run_script("benchmarks/plot_metrics.py", str(tmp_path), "d_real", "d_fake", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    colors = set(Image.open(out).convert("RGB").getdata())
+    assert {(31, 119, 180), (214, 39, 40)} <= colors  # the first two series' colours (compare.COLORS)
+    r = run_script("benchmarks/plot_metrics.py", str(tmp_path), "d_recon")
+    assert r.returncode != 0 and "no column d_recon" in r.stderr and "d_real" in r.stderr
+    assert "Traceback" not in r.stderr
