@@ -18,7 +18,7 @@ Commands
   python vaegan.py                          # CIFAR-10, 40k steps of 128 (≈ 100 epochs): a GPU job, not yet measured
   python vaegan.py --sample --ckpt runs/vaegan-cifar10/ckpt.pt --num-samples 50000 \
       --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # Inception FID on the papers' ruler
-  python vaegan.py --dataset mnist --gamma 0.001 --adv-weight 0.1 --steps 2600 --device cpu ...
+  python vaegan.py --dataset mnist --d-dense 64 --feature-sigma 5 --steps 1800 --device cpu ...
         # a CPU recipe: docs/vaegan.md has the exact command, its time on 2 cores and its MNIST score
   python vaegan.py --sample --reconstruct --ckpt RUN/ckpt.pt   # reconstructions of test images, as PNGs
 
@@ -38,9 +38,26 @@ Where the authors' code departs from the paper, and what we do
     three networks, as Algorithm 1 does; metrics.csv logs D(x), D(x̃), D(x_p) to watch the balance.
   - Gradient routing: L_GAN does not reach the encoder (the paper's "limiting error signals", the code's
     zero gradient scale on z) and L_llike does not reach D (paper and code agree). So here; tests check it.
-  - Feature layer: the code reads the 4th convolution (before BatchNorm) of a BatchNorm D on 64 px faces.
-    Our D has no BatchNorm (an image's features then depend on that image alone, not on its batch);
-    L_llike reads its last convolution, before the activation.
+    It is why a step takes three gradient passes (one per network) and not one backward(): the encoder and
+    the decoder weigh L_llike differently (1 and γ) along the same decoder graph, and L_GAN must stop at z
+    while L_llike goes through it; no single loss's gradient routes that.
+  - The discriminator is the paper's kind (Sec. 4 and the code): convolutions with BatchNorm (none on the
+    input, as in DCGAN), then a dense layer (theirs 512 units with BatchNorm; ours --d-dense units, 512 by
+    default, without BatchNorm; the MNIST recipe uses 64), then the logit. Real images, x̃ and x_p go through it as three separate batches, as
+    dcgan.py does with real and fake: BatchNorm then normalises each kind with its own statistics.
+  - Feature layer: like the code (its 4th convolution, before BatchNorm), L_llike reads D's last
+    convolution before its BatchNorm: Dis_l(x) depends on x alone, not on the rest of the batch.
+  - Capacity: the encoder's Linear to μ, σ read 6272 features on MNIST (1.6M of its 1.7M weights, while D
+    had 0.29M); a 1x1 convolution now narrows that map 4x first, and D's dense layer takes the weights:
+    encoder 0.54M, decoder 0.94M, D 0.68M with the MNIST recipe's --d-dense 64 (3.49M with the default 512).
+    `--arch v1` builds the earlier networks (no BatchNorm, no dense layer), which is also what checkpoints
+    written before --arch hold; they keep loading for sampling and resuming.
+  - σ of L_llike (--feature-sigma): Sec. 2.3 models Dis_l(x) as a Gaussian around Dis_l(x̃) with unit
+    variance; the authors' code keeps σ as a parameter (1 by default), and so do we (default 1). σ sets
+    the encoder's balance of L_prior against L_llike, and features read before BatchNorm have no scale of
+    their own (BatchNorm divides it out of D's loss). On MNIST at σ = 1 the encoder put ≈ 80 nats into z,
+    so prior draws fell far from the codes the decoder learnt on; the MNIST recipe uses σ = 5 (measured
+    in docs/vaegan.md).
   - Adam (2e-4, β₁ = 0.5, as dcgan.py) for all three nets, not RMSProp with a decaying rate. With Adam
     the decoder's step depends only on the ratio γ / --adv-weight (Adam is blind to a loss's scale);
     both flags stay, so that each reads as in the paper and in "Generating Realistic Images using DDPM".
@@ -82,8 +99,11 @@ class Config:
     latent: int = 128  # dimensions of the code z (the paper: 128 on faces)
     channels: int = 64  # width of the encoder and decoder: channels at full resolution, doubled at every halving
     d_channels: int = 64  # width of the discriminator, the same way
+    d_dense: int = 512  # with arch larsen: units of D's dense layer before the logit (the paper's 512); 0: none, the logit from Dis_l
+    arch: str = "larsen"  # the networks: larsen (a BatchNorm discriminator with a dense layer, as the paper's) | v1 (this file's networks before 2026-12-04: D without BatchNorm; older checkpoints read as v1)
     # --- objective ---
     gamma: float = 1e-3  # γ: weight of L_llike, the reconstruction error in D's features, in the decoder's loss (the paper's faces: 1e-6 with RMSProp)
+    feature_sigma: float = 1.0  # σ of L_llike's Gaussian on Dis_l (paper: 1): it sets the encoder's balance of L_prior against L_llike
     adv_weight: float = 0.1  # weight w of the adversarial term in the decoder's loss (0.1, as in "Generating Realistic Images using DDPM")
     # --- optimisation ---
     steps: int = 40_000  # training steps, each one update of all three networks (40k x 128 ≈ 100 CIFAR-10 epochs)
@@ -109,11 +129,12 @@ class Config:
     fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; or a file, e.g. pytorch-fid's for paper numbers)
 
 
-CHOICES = {"device": ("auto", "cuda", "cpu", "mps"), "precision": ("auto", "fp32", "bf16")}
-RANGES = {"image_size": ">=0", "latent": ">=1", "channels": ">=1", "d_channels": ">=1", "gamma": ">=0",
+CHOICES = {"device": ("auto", "cuda", "cpu", "mps"), "precision": ("auto", "fp32", "bf16"), "arch": ("larsen", "v1")}
+RANGES = {"image_size": ">=0", "latent": ">=1", "channels": ">=1", "d_channels": ">=1", "d_dense": ">=0", "gamma": ">=0", "feature_sigma": ">0",
           "adv_weight": ">=0", "steps": ">=1", "batch_size": ">=1", "lr": ">0", "beta1": "[0,1)", "log_every": ">=1",
           "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1", "fid": ">=0"}
-ARCH_FIELDS = ("dataset", "image_size", "latent", "channels", "d_channels")  # fixed by a checkpoint: taken from it
+ARCH_FIELDS = ("dataset", "image_size", "latent", "channels", "d_channels", "d_dense", "arch")  # fixed by a checkpoint: taken from it
+BEFORE = {"arch": "v1"}  # what a checkpoint written before a field existed means by it
 
 
 # >>> shared: argparse
@@ -320,23 +341,30 @@ def layer_plan(image_size: int):
     return side, halvings
 
 
-def down_path(image_channels: int, width: int, halvings: int) -> list:
-    """Strided 4x4 convs + LeakyReLU(0.2), halving the size, doubling the width: (B, C, S, S) -> (B, w_last, side, side)"""
+def down_path(image_channels: int, width: int, halvings: int, batchnorm: bool = False) -> list:
+    """Strided 4x4 convs + LeakyReLU(0.2), halving the size, doubling the width: (B, C, S, S) -> (B, w_last, side, side).
+    batchnorm: BatchNorm after every convolution but the first (DCGAN's discriminator: none on the input)."""
     widths = [width * 2 ** i for i in range(halvings)]
     layers = [nn.Conv2d(image_channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, w, S/2, S/2)
     for a, b in zip(widths, widths[1:]):
-        layers += [nn.Conv2d(a, b, 4, 2, 1), nn.LeakyReLU(0.2)]  # (B, a, s, s) -> (B, b, s/2, s/2)
+        layers += [nn.Conv2d(a, b, 4, 2, 1, bias=not batchnorm), *([nn.BatchNorm2d(b)] if batchnorm else []),
+                   nn.LeakyReLU(0.2)]  # (B, a, s, s) -> (B, b, s/2, s/2)
     return layers
 
 
 class Encoder(nn.Module):
-    """q(z|x) = N(μ(x), diag σ²(x)): image (B, C, S, S) -> μ, log σ² (B, latent) each."""
+    """q(z|x) = N(μ(x), diag σ²(x)): image (B, C, S, S) -> μ, log σ² (B, latent) each. With arch larsen, a 1x1
+    convolution first narrows the last map 4x, so the Linear to μ, σ holds 4x fewer weights (28 px: 0.40M, not
+    1.61M), which v1 spent on an encoder 6x the size of its discriminator."""
 
-    def __init__(self, image_channels: int, image_size: int, width: int, latent: int):
+    def __init__(self, image_channels: int, image_size: int, width: int, latent: int, arch: str = "larsen"):
         super().__init__()
         side, halvings = layer_plan(image_size)
-        self.net = nn.Sequential(*down_path(image_channels, width, halvings), nn.Flatten())  # (B, w_last·side²)
-        self.to_stats = nn.Linear(width * 2 ** (halvings - 1) * side * side, 2 * latent)  # (B, 2·latent)
+        w_last = width * 2 ** (halvings - 1)
+        w_out = max(w_last // 4, 1) if arch == "larsen" else w_last
+        narrow = [nn.Conv2d(w_last, w_out, 1), nn.LeakyReLU(0.2)] if arch == "larsen" else []
+        self.net = nn.Sequential(*down_path(image_channels, width, halvings), *narrow, nn.Flatten())  # (B, w_out·side²)
+        self.to_stats = nn.Linear(w_out * side * side, 2 * latent)  # (B, 2·latent)
 
     def forward(self, x):
         return self.to_stats(self.net(x)).chunk(2, dim=1)  # μ, log σ²: (B, latent) each
@@ -362,15 +390,25 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Dis(x): image (B, C, S, S) -> logit (B,) and Dis_l(x) (B, w_last, side, side), the last convolution's output."""
+    """Dis(x): image (B, C, S, S) -> logit (B,) and Dis_l(x) (B, w_last, side, side), the last convolution's output.
+    arch larsen (as the paper's D and its code's): BatchNorm after every convolution but the first, Dis_l read
+    before its BatchNorm (where the authors read it), then a dense layer of `dense` units (0: none) and the logit.
+    BatchNorm makes an image's outputs depend on its batch: real, x̃ and x_p go through D as separate batches.
+    arch v1 (checkpoints before 2026-12-04): no BatchNorm, and the logit straight from Dis_l."""
 
-    def __init__(self, image_channels: int, image_size: int, width: int):
+    def __init__(self, image_channels: int, image_size: int, width: int, arch: str = "larsen", dense: int = 512):
         super().__init__()
         side, halvings = layer_plan(image_size)
         w_last = width * 2 ** (halvings - 1)
-        self.body = nn.Sequential(*down_path(image_channels, width, halvings),
+        self.body = nn.Sequential(*down_path(image_channels, width, halvings, batchnorm=arch == "larsen"),
                                   nn.Conv2d(w_last, w_last, 3, 1, 1))  # Dis_l: (B, w_last, side, side)
-        self.head = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(w_last, 1, side))  # (B, 1, 1, 1): a linear layer
+        if arch == "larsen" and dense:
+            self.head = nn.Sequential(nn.BatchNorm2d(w_last), nn.LeakyReLU(0.2), nn.Flatten(),  # (B, w_last·side²)
+                                      nn.Linear(w_last * side * side, dense), nn.LeakyReLU(0.2),  # (B, dense)
+                                      nn.Linear(dense, 1))  # (B, 1)
+        else:  # the logit straight from Dis_l: (B, 1, 1, 1), a linear layer (larsen: after its BatchNorm)
+            self.head = nn.Sequential(*([nn.BatchNorm2d(w_last)] if arch == "larsen" else []),
+                                      nn.LeakyReLU(0.2), nn.Conv2d(w_last, 1, side))
 
     def forward(self, x):
         features = self.body(x)
@@ -378,12 +416,13 @@ class Discriminator(nn.Module):
 
 
 class VAEGAN(nn.Module):
-    def __init__(self, image_channels=3, image_size=32, latent=128, channels=64, d_channels=64):
+    def __init__(self, image_channels=3, image_size=32, latent=128, channels=64, d_channels=64, arch="larsen",
+                 d_dense=512):
         super().__init__()
         self.latent = latent
-        self.encoder = Encoder(image_channels, image_size, channels, latent)
+        self.encoder = Encoder(image_channels, image_size, channels, latent, arch)
         self.decoder = Decoder(image_channels, image_size, channels, latent)
-        self.discriminator = Discriminator(image_channels, image_size, d_channels)
+        self.discriminator = Discriminator(image_channels, image_size, d_channels, arch, d_dense)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -396,7 +435,8 @@ def init_weights(module: nn.Module) -> None:
 
 
 def build_model(cfg: Config, image_channels: int) -> VAEGAN:
-    return VAEGAN(image_channels, cfg.image_size, cfg.latent, cfg.channels, cfg.d_channels).apply(init_weights)
+    return VAEGAN(image_channels, cfg.image_size, cfg.latent, cfg.channels, cfg.d_channels, cfg.arch,
+                  cfg.d_dense).apply(init_weights)
 
 
 # =============================================================================================
@@ -408,35 +448,36 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
 
 
-def feature_loss(features_real: torch.Tensor, features_recon: torch.Tensor) -> torch.Tensor:
-    """L_llike per image, (B, ...) -> (B,). Sec. 2.3: Dis_l(x) is Gaussian around Dis_l(x̃), with unit variance."""
-    # L_llike = −log N(Dis_l(x) | Dis_l(x̃), I) = ½ ‖Dis_l(x) − Dis_l(x̃)‖² + const, summed over features
-    return 0.5 * (features_real - features_recon).square().flatten(1).sum(1)
+def feature_loss(features_real: torch.Tensor, features_recon: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """L_llike per image, (B, ...) -> (B,). Sec. 2.3: Dis_l(x) is Gaussian around Dis_l(x̃), with variance σ²
+    (the paper: σ = 1; the authors' code keeps σ as a parameter, --feature-sigma here)."""
+    # L_llike = −log N(Dis_l(x) | Dis_l(x̃), σ² I) = ‖Dis_l(x) − Dis_l(x̃)‖² / (2σ²) + const, summed over features
+    return (features_real - features_recon).square().flatten(1).sum(1) / (2 * sigma ** 2)
 
 
-def vaegan_losses(model: VAEGAN, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor) -> dict:
-    """One forward pass of Algorithm 1 on a batch x (B, C, H, W), with ε and z_p (B, latent) from N(0, I).
-    Returns the four batch-mean losses, and the three mean probabilities D(·) for metrics.csv."""
+def vaegan_losses(model: VAEGAN, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor, sigma: float = 1.0) -> dict:
+    """One forward pass of Algorithm 1 on a batch x (B, C, H, W), with ε and z_p (B, latent) from N(0, I), and
+    σ of L_llike. Returns the four batch-mean losses, and the three mean probabilities D(·) for metrics.csv."""
     B = len(x)
     mu, logvar = model.encoder(x)  # (B, latent) each
     z = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation: z ~ q(z|x), differentiable in μ and σ
     # x̃ = Dec(z) and x_p = Dec(z_p) in one batch: one pass, and BatchNorm sees both kinds of codes
     x_recon, x_prior = model.decoder(torch.cat([z, z_prior])).split(B)  # (B, C, H, W) each
-    # the discriminator on real, reconstructed and generated images in one batch (no BatchNorm: no mixing)
-    logits, features = model.discriminator(torch.cat([x, x_recon, x_prior]))  # (3B,), (3B, w, s, s)
-    logits_real, logits_recon, logits_prior = logits.float().split(B)  # (B,) each
-    features_real, features_recon, _ = features.float().split(B)
+    # the discriminator on real, reconstructed and generated images as three batches, as dcgan.py does for
+    # real and fake: its BatchNorm normalises each kind with that kind's own statistics, as in the paper's code
+    (logits_real, features_real), (logits_recon, features_recon), (logits_prior, _) = (
+        (logits.float(), features.float()) for logits, features in map(model.discriminator, (x, x_recon, x_prior)))
     bce = F.binary_cross_entropy_with_logits  # BCE(ℓ, 1) = −log σ(ℓ) = −log D;  BCE(ℓ, 0) = −log(1 − D)
     ones, zeros = torch.ones_like(logits_real), torch.zeros_like(logits_real)
     # L_prior = KL(q(z|x) ‖ p(z)),  p(z) = N(0, I)   (the VAE's regulariser, kept as it is)
     prior = kl_divergence(mu.float(), logvar.float()).mean()
-    # L_llike = ½ ‖Dis_l(x) − Dis_l(x̃)‖²: the reconstruction error, in the discriminator's features
-    llike = feature_loss(features_real, features_recon).mean()
+    # L_llike = ‖Dis_l(x) − Dis_l(x̃)‖² / (2σ²): the reconstruction error, in the discriminator's features
+    llike = feature_loss(features_real, features_recon, sigma).mean()
     # Algorithm 1, as a loss to minimise:  −L_GAN = −log Dis(x) − log(1 − Dis(x̃)) − log(1 − Dis(x_p))
     gan_discriminator = bce(logits_real, ones) + bce(logits_recon, zeros) + bce(logits_prior, zeros)
     # the decoder's side, non-saturating (see header):  −log Dis(x̃) − log Dis(x_p)
     gan_decoder = bce(logits_recon, ones) + bce(logits_prior, ones)
-    probabilities = torch.sigmoid(logits.detach().float()).view(3, B).mean(1)  # D(x), D(x̃), D(x_p)
+    probabilities = torch.sigmoid(torch.stack([logits_real, logits_recon, logits_prior]).detach()).mean(1)  # D(x), D(x̃), D(x_p)
     return {"prior": prior, "llike": llike, "gan_decoder": gan_decoder, "gan_discriminator": gan_discriminator,
             "probabilities": probabilities}
 
@@ -526,6 +567,8 @@ def train(cfg: Config) -> None:
         cfg, device = run.cfg, run.device
         if run.world > 1:
             sys.exit(f"{PROG}: trains in one process; start it with python, not torchrun")
+        if run.state and "arch" not in run.state["config"]:  # a checkpoint older than --arch: its networks are v1
+            cfg.arch = BEFORE["arch"]
         data, test = get_test_data(cfg, get_data(cfg)[0])  # (N, C, H, W) in [-1, 1]; test stays on the host
         data = data.to(device)  # resident on the device
         cfg.image_size = data.shape[-1]
@@ -539,7 +582,8 @@ def train(cfg: Config) -> None:
         step = run.restore(model=model, optimizer=optimizer)
         net = run.wrap(model)  # --compile: compiled; the same weights
         run.describe(model.encoder, model.decoder, model.discriminator,
-                     note=f"{len(test)} test images | latent {cfg.latent}, γ={cfg.gamma}, w={cfg.adv_weight}")
+                     note=f"{len(test)} test images | latent {cfg.latent}, γ={cfg.gamma}, w={cfg.adv_weight}, "
+                          f"σ={cfg.feature_sigma}, D: {cfg.arch}")
         while step < cfg.steps:
             # --- core: one step of Algorithm 1: all losses from one forward pass, then all three updates ---
             model.train()
@@ -547,7 +591,7 @@ def train(cfg: Config) -> None:
             eps = torch.randn(cfg.batch_size, cfg.latent, device=device)  # ε for z = μ + σ ε
             z_prior = torch.randn(cfg.batch_size, cfg.latent, device=device)  # z_p ~ N(0, I)
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-                losses = vaegan_losses(net, x, eps, z_prior)
+                losses = vaegan_losses(net, x, eps, z_prior, cfg.feature_sigma)
             set_gradients(model, losses, cfg.gamma, cfg.adv_weight)  # each network: its own loss's gradient
             optimizer.step()
             step += 1
@@ -754,7 +798,7 @@ class Run:
 def load_for_sampling(cfg: Config):
     """The networks of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
     state = load_checkpoint(cfg.ckpt, needs=("model", "config", "step"))
-    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
+    cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, BEFORE.get(k, getattr(Config, k))) for k in ARCH_FIELDS})
     channels = state["model"]["encoder.net.0.weight"].shape[1]  # the encoder's first convolution reads the image
     model = build_model(cfg, channels)
     model.load_state_dict(state["model"])

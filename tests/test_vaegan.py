@@ -37,8 +37,9 @@ def test_kl_equals_torch_distributions():
 
 
 def test_every_loss_term_on_a_fixed_batch():
-    """Recompute L_prior, L_llike and both GAN losses from the networks' parts, one image kind at a time
-    (the discriminator has no BatchNorm, so each image's outputs depend on that image alone), in float64."""
+    """Recompute L_prior, L_llike and both GAN losses from the networks' parts, in float64, with real, x̃ and
+    x_p through D as three batches: D has BatchNorm (in training mode here), so a D that saw them as one
+    batch would give other logits and features, and this test would fail."""
     model, x, eps, z_p = tiny_batch()
     model.train()
     losses = vaegan.vaegan_losses(model, x, eps, z_p)
@@ -70,6 +71,16 @@ def test_feature_loss_is_zero_for_a_perfect_reconstruction_and_half_the_squared_
     b = a.clone()
     b[1, 0, 0, 0] += 3.0
     assert torch.allclose(vaegan.feature_loss(a, b), torch.tensor([0.0, 4.5, 0.0]))
+
+
+def test_feature_loss_with_sigma_is_the_gaussian_negative_log_likelihood():
+    """--feature-sigma σ: L_llike = −log N(Dis_l(x) | Dis_l(x̃), σ² I) without its constant (it does not
+    depend on the networks), checked against torch.distributions."""
+    a, b = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    for sigma in (0.5, 1.0, 3.0):
+        nll = -torch.distributions.Normal(b.flatten(1), sigma).log_prob(a.flatten(1)).sum(1)
+        constant = 32 * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+        assert torch.allclose(vaegan.feature_loss(a, b, sigma), nll - constant)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,15 +145,18 @@ def test_one_discriminator_update_lowers_its_loss_and_moves_no_other_network():
     loss_after = vaegan.vaegan_losses(model, x, eps, z_p)
     assert loss_after["gan_discriminator"] < loss_before["gan_discriminator"]
     for k, v in model.state_dict().items():
+        if k.startswith("discriminator") and k not in dict(model.named_parameters()):
+            continue  # BatchNorm's running statistics: in eval mode, untouched by design
         assert torch.equal(v, before[k]) == (not k.startswith("discriminator")), k
 
 
 # --------------------------------------------------------------------------------------------
 # 3. The networks
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["larsen", "v1"])
 @pytest.mark.parametrize("size,channels,side", [(16, 3, 4), (28, 1, 7), (32, 3, 4)])
-def test_shapes(size, channels, side):
-    model = vaegan.VAEGAN(channels, size, latent=5, channels=4, d_channels=4).eval()
+def test_shapes(size, channels, side, arch):
+    model = vaegan.VAEGAN(channels, size, latent=5, channels=4, d_channels=4, arch=arch).eval()
     x = torch.rand(2, channels, size, size) * 2 - 1
     mu, logvar = model.encoder(x)
     assert mu.shape == logvar.shape == (2, 5)
@@ -151,7 +165,23 @@ def test_shapes(size, channels, side):
     logits, features = model.discriminator(x)
     halvings = {16: 2, 28: 2, 32: 3}[size]
     assert logits.shape == (2,) and features.shape == (2, 4 * 2 ** (halvings - 1), side, side)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.discriminator.modules())
+    norms = [m for m in model.discriminator.body if isinstance(m, torch.nn.BatchNorm2d)]
+    # larsen: BatchNorm after every strided convolution but the first, none on Dis_l (it is read before its
+    # BatchNorm, which opens the head); v1: no BatchNorm at all
+    assert len(norms) == ((halvings - 1) if arch == "larsen" else 0)
+    assert isinstance(model.discriminator.head[0], torch.nn.BatchNorm2d) == (arch == "larsen")
+
+
+def test_larsen_narrows_the_encoders_dense_layer_and_d_dense_sets_the_discriminators():
+    """The 28 px networks of the MNIST recipe: the encoder's Linear reads a 4x narrower map; --d-dense N
+    puts a dense layer of N units between Dis_l and the logit (0: none); the decoder is the same."""
+    new, old = (vaegan.VAEGAN(1, 28, 128, 64, 64, arch=a) for a in ("larsen", "v1"))
+    assert new.encoder.to_stats.in_features * 4 == old.encoder.to_stats.in_features == 128 * 7 * 7
+    dense = [m for m in new.discriminator.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(128 * 7 * 7, 512), (512, 1)]
+    none = vaegan.VAEGAN(1, 28, 128, 64, 64, arch="larsen", d_dense=0).discriminator.head
+    assert not any(isinstance(m, torch.nn.Linear) for m in none) and none(torch.randn(2, 128, 7, 7)).shape == (2, 1, 1, 1)
+    assert sum(p.numel() for p in new.decoder.parameters()) == sum(p.numel() for p in old.decoder.parameters())
 
 
 def test_bad_image_size_is_one_clear_line():
@@ -213,6 +243,26 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_npy):
         assert [r[column] for r in rows_b] == [r[column] for r in rows_a], column
     init = vaegan.build_model(vaegan.Config(image_size=16, channels=4, d_channels=4, latent=3), 3)
     assert not torch.equal(a["model"]["decoder.net.0.weight"], init.state_dict()["decoder.net.0.weight"])
+
+
+def test_a_checkpoint_from_before_arch_samples_and_resumes_as_v1(tmp_path, tiny_npy):
+    """Checkpoints written before --arch existed hold v1 networks and no "arch" in their config: they still
+    sample, reconstruct and resume, as v1 (the default, larsen, could not load their weights)."""
+    out = tmp_path / "old"
+    common = dict(dataset=tiny_npy, channels=4, d_channels=4, latent=3, device="cpu", batch_size=4, sample_every=100)
+    vaegan.train(vaegan.Config(out=str(out), steps=2, arch="v1", **common))
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    for field in ("arch", "d_dense", "feature_sigma"):  # as an older vaegan.py wrote it: none of these fields
+        del state["config"][field]
+    torch.save(state, out / "ckpt.pt")
+    model, cfg, shape, _ = vaegan.load_for_sampling(vaegan.Config(ckpt=str(out / "ckpt.pt")))
+    assert cfg.arch == "v1" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.discriminator.modules())
+    for extra in ([], ["--reconstruct"]):
+        r = run_script("vaegan.py", "--sample", *extra, "--ckpt", str(out / "ckpt.pt"), "--num-samples", "3",
+                       "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+    vaegan.train(vaegan.Config(out=str(out), steps=3, resume=True, **common))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 @pytest.mark.parametrize("args,words", [
