@@ -111,8 +111,8 @@ def preset_models(preset: str, data: str, n: int) -> list:
                    "--precision", "bf16", *cpu, "--log-every", "200", "--sample-every", "1000", "--ckpt-every", "1000"],
                   ["--num-samples", str(n), *cpu], **vae_loss),
             Model("vaegan", "VAE-GAN", "vaegan.py",
-                  ["--dataset", data, "--gamma", "0.001", "--adv-weight", "0.1", "--steps", "2600", "--precision", "bf16",
-                   *cpu, "--log-every", "100", "--sample-every", "500", "--ckpt-every", "500"],
+                  ["--dataset", data, "--d-dense", "64", "--feature-sigma", "5", "--steps", "1800", "--precision", "bf16",
+                   *cpu, "--log-every", "100", "--sample-every", "300", "--ckpt-every", "300"],
                   ["--num-samples", str(n), *cpu], **vaegan),
         ]
     if preset == "gpu-cifar10":  # each script's defaults are the paper's CIFAR-10 setting
