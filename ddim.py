@@ -83,7 +83,7 @@ class Config:
     image_size: int = 0  # 0: the dataset's own size; otherwise images are resized to this
     # --- diffusion ---
     schedule: str = "linear"  # noise schedule: linear (Ho et al.) | cosine (Nichol & Dhariwal)
-    timesteps: int = 1000  # T, the number of diffusion steps (the seed study used 300)
+    timesteps: int = 1000  # T, the number of diffusion steps ("Generating Realistic Images using DDPM" used 300)
     sample_steps: int = 50  # S, network calls per image: DDIM visits S of the T steps (the sub-sequence τ)
     eta: float = 0.0  # η in [0, 1]: 0 deterministic (DDIM), 1 DDPM-like noise (σ_t² = β̃_t when S = T)
     skip: str = "uniform"  # how τ picks S of the T steps: uniform (every T/S-th, from 0) | trailing (from T−1) | quadratic

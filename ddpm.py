@@ -69,7 +69,7 @@ class Config:
     image_size: int = 0  # 0: the dataset's own size; otherwise images are resized to this
     # --- diffusion ---
     schedule: str = "linear"  # noise schedule: linear (Ho et al.) | cosine (Nichol & Dhariwal)
-    timesteps: int = 1000  # T, the number of diffusion steps (the seed study used 300)
+    timesteps: int = 1000  # T, the number of diffusion steps ("Generating Realistic Images using DDPM" used 300)
     var: str = "beta"  # reverse-process variance σ_t²: beta (β_t, the paper's CIFAR-10 choice) | beta_tilde (β̃_t)
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling (the paper's code does)
     # --- model (0 or "": the size for this image size, see UNET_SIZES) ---
