@@ -43,8 +43,9 @@ Where the authors' code departs from the paper, and what we do
     while L_llike goes through it; no single loss's gradient routes that.
   - The discriminator is the paper's kind (Sec. 4 and the code): convolutions with BatchNorm (none on the
     input, as in DCGAN), then a dense layer (theirs 512 units with BatchNorm; ours --d-dense units, 512 by
-    default, without BatchNorm; the MNIST recipe uses 64), then the logit. Real images, x̃ and x_p go through it as three separate batches, as
-    dcgan.py does with real and fake: BatchNorm then normalises each kind with its own statistics.
+    default, without BatchNorm; the MNIST recipe uses 64), then the logit. Real images, x̃ and x_p go
+    through it as three separate batches, as dcgan.py does with real and fake: BatchNorm then normalises
+    each kind with its own statistics.
   - Feature layer: like the code (its 4th convolution, before BatchNorm), L_llike reads D's last
     convolution before its BatchNorm: Dis_l(x) depends on x alone, not on the rest of the batch.
   - Capacity: the encoder's Linear to μ, σ read 6272 features on MNIST (1.6M of its 1.7M weights, while D
@@ -54,8 +55,8 @@ Where the authors' code departs from the paper, and what we do
     written before --arch hold; they keep loading for sampling and resuming.
   - σ of L_llike (--feature-sigma): Sec. 2.3 models Dis_l(x) as a Gaussian around Dis_l(x̃) with unit
     variance; the authors' code keeps σ as a parameter (1 by default), and so do we (default 1). σ sets
-    the encoder's balance of L_prior against L_llike, and features read before BatchNorm have no scale of
-    their own (BatchNorm divides it out of D's loss). On MNIST at σ = 1 the encoder put ≈ 80 nats into z,
+    the encoder's balance of L_prior against L_llike (and, with γ, the decoder's weight on L_llike), and
+    features read before BatchNorm have no scale of their own (BatchNorm divides it out of D's loss). On MNIST at σ = 1 the encoder put ≈ 80 nats into z,
     so prior draws fell far from the codes the decoder learnt on; the MNIST recipe uses σ = 5 (measured
     in docs/vaegan.md).
   - Adam (2e-4, β₁ = 0.5, as dcgan.py) for all three nets, not RMSProp with a decaying rate. With Adam
@@ -465,14 +466,16 @@ def vaegan_losses(model: VAEGAN, x: torch.Tensor, eps: torch.Tensor, z_prior: to
     x_recon, x_prior = model.decoder(torch.cat([z, z_prior])).split(B)  # (B, C, H, W) each
     # the discriminator on real, reconstructed and generated images as three batches, as dcgan.py does for
     # real and fake: its BatchNorm normalises each kind with that kind's own statistics, as in the paper's code
-    (logits_real, features_real), (logits_recon, features_recon), (logits_prior, _) = (
-        (logits.float(), features.float()) for logits, features in map(model.discriminator, (x, x_recon, x_prior)))
+    logits_real, features_real = model.discriminator(x)  # (B,), (B, w, s, s)
+    logits_recon, features_recon = model.discriminator(x_recon)
+    logits_prior, _ = model.discriminator(x_prior)
+    logits_real, logits_recon, logits_prior = logits_real.float(), logits_recon.float(), logits_prior.float()
     bce = F.binary_cross_entropy_with_logits  # BCE(ℓ, 1) = −log σ(ℓ) = −log D;  BCE(ℓ, 0) = −log(1 − D)
     ones, zeros = torch.ones_like(logits_real), torch.zeros_like(logits_real)
     # L_prior = KL(q(z|x) ‖ p(z)),  p(z) = N(0, I)   (the VAE's regulariser, kept as it is)
     prior = kl_divergence(mu.float(), logvar.float()).mean()
     # L_llike = ‖Dis_l(x) − Dis_l(x̃)‖² / (2σ²): the reconstruction error, in the discriminator's features
-    llike = feature_loss(features_real, features_recon, sigma).mean()
+    llike = feature_loss(features_real.float(), features_recon.float(), sigma).mean()
     # Algorithm 1, as a loss to minimise:  −L_GAN = −log Dis(x) − log(1 − Dis(x̃)) − log(1 − Dis(x_p))
     gan_discriminator = bce(logits_real, ones) + bce(logits_recon, zeros) + bce(logits_prior, zeros)
     # the decoder's side, non-saturating (see header):  −log Dis(x̃) − log Dis(x_p)
