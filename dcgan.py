@@ -109,165 +109,28 @@ RANGES = {"image_size": ">=0", "latent": ">=1", "g_channels": ">=1", "d_channels
           "check_n": ">=1", "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1",
           "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "latent", "g_channels", "d_channels")  # fixed by a checkpoint: taken from it
-
-
-# >>> shared: argparse
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we print one line
-        sys.exit(f"{PROG}: {message} (see --help)")
-
-
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def parse_args(argv=None) -> Config:
-    """Every Config field becomes a flag; its comment in the class above is the --help text."""
-    helps = dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
-    parser = OneLineErrorParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else \
-            {"type": finite_float if f.type is float else f.type, "choices": CHOICES.get(f.name)}
-        shown = helps.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=shown, **kind)
-    return Config(**vars(parser.parse_args(argv)))
-
-
-def check_ranges(cfg: Config) -> None:
-    """Every number in RANGES lies in its range, before anything runs; else one line naming the flag."""
-    tests = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
-             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-             ">=-1": (lambda v: v >= -1, ">= 0 (or -1 for none)")}
-    for name, rule in RANGES.items():
-        value, (ok, words) = getattr(cfg, name), tests[rule]
-        if not (math.isfinite(value) and ok(value)):
-            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be {words}, got {value}")
-
-
-def run_main(main) -> None:
-    """main(parse_args()), with what a user's machine can throw turned into one line, not a traceback."""
-    try:
-        main(parse_args())
-    except OSError as e:  # disk full, permission denied, read-only folder, too many open files, ...
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        sys.exit(f"{PROG}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-                 + (" (free some space or choose another --out; the last checkpoint is intact)" if full else ""))
-    except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted")
-# <<< shared: argparse
+# parse_args() (in the plumbing, at the end) makes every field above a flag (batch_size: --batch-size),
+# with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
 
 
 # =============================================================================================
 # 2. Data
 # =============================================================================================
 # >>> shared: data
-TORCHVISION_FILES = {  # what to put where when torchvision cannot download (offline machines)
-    "cifar10": ("CIFAR10", "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)", ""),
-    "mnist": ("MNIST", "train-images-idx3-ubyte and train-labels-idx1-ubyte (.gz is fine)", "MNIST/raw/"),
-    "fashion-mnist": ("FashionMNIST", "train-images-idx3-ubyte and train-labels-idx1-ubyte (.gz is fine)",
-                      "FashionMNIST/raw/"),
-}
-
-
-def pixels_to_uint8(array: np.ndarray, name: str) -> torch.Tensor:
-    """Images as uint8 [0, 255]. Integers (any dtype) are pixels in [0, 255]; floats are read as [0, 1],
-    or as [-1, 1] if any value is negative. (fid.py reads .npy files by the same rule.)"""
-    if array.dtype.kind in "iu":
-        if array.size and not 0 <= array.min() <= array.max() <= 255:
-            sys.exit(f"{PROG}: {name}: integer pixels must be in [0, 255], got [{array.min()}, {array.max()}]")
-        return torch.as_tensor(array.astype(np.uint8))
-    if array.dtype.kind not in "fb":
-        sys.exit(f"{PROG}: {name}: cannot read {array.dtype} values as pixels (use uint8, or floats in [0, 1])")
-    x = torch.as_tensor(array.astype(np.float32))
-    low, high = (x.min().item(), x.max().item()) if x.numel() else (0, 0)
-    if not (math.isfinite(low + high) and (0 <= low and high <= 1 or -1 <= low < 0 and high <= 1)):
-        sys.exit(f"{PROG}: {name}: float pixels must be in [0, 1] or [-1, 1], got [{low:.3g}, {high:.3g}] "
-                 "(save pixel values 0..255 as uint8)")
-    return ((x + 1) / 2 if low < 0 else x).mul(255).round().to(torch.uint8)
-
-
-def read_folder(folder: str, size: int):
-    """The images of a folder as uint8 (N, H, W) if all are grey, else (N, H, W, 3), resized to size×size
-    (0: the first image's width). A folder with no images but subfolders of them, one per class
-    (torchvision's ImageFolder layout), gives their images and the labels 0, 1, ... in sorted order."""
-    from PIL import Image
-    image = lambda p: p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))  # noqa: E731
-    paths, labels = sorted(os.path.join(folder, p) for p in os.listdir(folder) if image(p)), None
-    if not paths:  # one subfolder per class?
-        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-        found = [(os.path.join(folder, c, p), k) for k, c in enumerate(classes)
-                 for p in sorted(os.listdir(os.path.join(folder, c))) if image(p)]
-        paths, labels = [p for p, _ in found], torch.tensor([k for _, k in found])
-    if not paths:
-        sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {folder} (nor in subfolders of it, one per class)")
-    pictures = []
-    for path in paths:  # one file open at a time
-        try:
-            with Image.open(path) as im:
-                pictures.append(im.convert("L" if im.mode in ("L", "1") else "RGB"))
-        except OSError as e:
-            sys.exit(f"{PROG}: cannot read image {path}: {e}")
-    mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"  # a folder of grey images stays grey
-    size = size or pictures[0].size[0]
-    return torch.as_tensor(np.stack([np.asarray(p.convert(mode).resize((size, size), Image.BICUBIC))
-                                     for p in pictures])), labels
-
-
-def read_labels(path: str, n: int) -> torch.Tensor:
-    """--labels FILE.npy: integer labels (N,), or one-hot rows (N, K) as the 16x16 Sprites set ships them."""
-    try:
-        y = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        sys.exit(f"{PROG}: cannot read --labels {path}: {first_line(e)}")
-    y = y.argmax(1) if y.ndim == 2 else y
-    if y.shape != (n,) or y.dtype.kind not in "iuf" or y.min() < 0 or (y != np.round(y)).any():
-        sys.exit(f"{PROG}: --labels {path} must hold {n} labels 0, 1, ... (shape ({n},)) or {n} one-hot rows, "
-                 f"got shape {y.shape} of {y.dtype}")
-    return torch.as_tensor(y.astype(np.int64))
-
-
 def get_data(cfg: Config):
     """The whole training set as one float tensor (N, C, H, W) in [-1, 1], and its labels (N,) if it has
     them (None if not). Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so we skip
     the DataLoader: a batch is one indexing operation, on whatever device the tensor lives."""
-    name, labels = cfg.dataset, None
-    if name in TORCHVISION_FILES:
-        import torchvision
-        cls, files, sub = TORCHVISION_FILES[name]
-        try:  # no network needed when the files are already there
-            ds = getattr(torchvision.datasets, cls)(cfg.data_root, train=True, download=False)
-        except RuntimeError:
-            try:
-                ds = getattr(torchvision.datasets, cls)(cfg.data_root, train=True, download=True)
-            except Exception as e:  # offline: say exactly what to put where
-                sys.exit(f"{PROG}: cannot download {name} ({type(e).__name__}); "
-                         f"put {files} in {os.path.join(cfg.data_root, sub)} and run again")
-        images, labels = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(np.asarray(ds.targets))  # uint8 (N, H, W[, C])
-    elif os.path.isdir(name):
-        images, labels = read_folder(name, cfg.image_size)
-    elif name.endswith(".npy") and os.path.isfile(name):
-        try:
-            array = np.load(name, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
-        except (ValueError, OSError) as e:
-            sys.exit(f"{PROG}: cannot read {name} as a numpy array: {first_line(e)}")
-        if array.dtype.kind in "iufb" and array.ndim not in (3, 4):  # numbers, but not a stack of images:
-            images = torch.empty(array.shape, dtype=torch.uint8)  # the shape check below names it, pixels unread
-        else:
-            images = pixels_to_uint8(array, name)
-        labels = read_labels(cfg.labels, len(images)) if getattr(cfg, "labels", "") else None
+    # uint8 pixels (N, C, H, W) and integer labels (or None), read by the helpers in the plumbing part
+    if cfg.dataset in TORCHVISION_FILES:  # cifar10, mnist, fashion-mnist: downloaded by torchvision
+        images, labels = read_torchvision(cfg.dataset, cfg.data_root)
+    elif os.path.isdir(cfg.dataset):  # a folder of images (or one subfolder per class)
+        images, labels = read_folder(cfg.dataset, cfg.image_size)
+    elif cfg.dataset.endswith(".npy") and os.path.isfile(cfg.dataset):  # (N, H, W[, C]) pixels
+        images, labels = read_npy(cfg.dataset, getattr(cfg, "labels", ""))
     else:
-        sys.exit(f"{PROG}: --dataset {name!r} is not cifar10, mnist, "
+        sys.exit(f"{PROG}: --dataset {cfg.dataset!r} is not cifar10, mnist, "
                  f"fashion-mnist, an existing folder of images or an existing .npy file")
-    if images.dim() == 3:
-        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-    elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = images.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2 or min(images.shape[2:]) < 1:
-        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, (N, H, W), (N, H, W, C) or "
-                 f"(N, C, H, W); got shape {tuple(images.shape)}")
     x = images.float() / 127.5 - 1  # uint8 [0, 255] -> float [-1, 1]   (N, C, H, W)
     if cfg.image_size and cfg.image_size != x.shape[-1]:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
@@ -481,7 +344,7 @@ class QualityCheck:
 
 
 # =============================================================================================
-# 6. Train: the game (Goodfellow et al. Algorithm 1, k = 1), then the plumbing around it
+# 6. Train: the game (Goodfellow et al. Algorithm 1, k = 1); its plumbing, class Run, is at the end
 # =============================================================================================
 def train(cfg: Config) -> None:
     """Goodfellow et al.'s Algorithm 1 with one D step per G step, and Adam as in Radford et al.: repeat {
@@ -527,7 +390,7 @@ def train(cfg: Config) -> None:
             D.requires_grad_(True)
             step += 1
 
-            # --- plumbing (class Run, below): the log, grids from fixed z, quality checks, checkpoints, Ctrl-C ---
+            # --- plumbing (class Run, at the end): the log, grids from fixed z, quality checks, checkpoints, Ctrl-C ---
             # D(x) → 1 and D(G(z)) → 0 means D wins; both near 0.5 is the game's equilibrium
             run.log(step, loss_d=loss_d.detach(), loss_g=loss_g.detach(),
                     d_real=torch.sigmoid(logits_real.detach().float()).mean(),
@@ -544,6 +407,211 @@ def train(cfg: Config) -> None:
             G.load_state_dict(load_checkpoint(check.best_path, needs=("generator",))["generator"])
             run_fid(cfg, generate(G, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(2), "--fid"),
                     run.dir, check.best_step)
+
+
+# =============================================================================================
+# 7. Main: train, or generate from a checkpoint
+# =============================================================================================
+def load_for_sampling(cfg: Config):
+    """The generator of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
+    state = load_checkpoint(cfg.ckpt, needs=("generator", "discriminator", "config", "step"))
+    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
+    channels = state["discriminator"]["net.0.weight"].shape[1]  # D's first convolution reads the image
+    G, _ = build_model(cfg, channels)
+    G.load_state_dict(state["generator"])
+    return G.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state
+
+
+def sample_mode(cfg: Config) -> None:
+    """--sample: N PNGs and a grid from a checkpoint, with the sampling speed (and FID with --fid)."""
+    device = pick_device(cfg.device)
+    model, cfg, shape, state = load_for_sampling(cfg)
+    run_dir = cfg.out or sample_dir(cfg, state)
+    n = max(cfg.num_samples, cfg.fid)
+    start = time.time()
+    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed))
+    seconds = time.time() - start  # generate() ends by copying to the host: the clock is honest
+    save_pngs(images, os.path.join(run_dir, "generated"))
+    save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
+    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
+          f"step {state['step']}) -> {run_dir}/generated/")
+    if cfg.fid:
+        run_fid(cfg, images[:cfg.fid], run_dir, state["step"])
+
+
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.check_n < 2:
+        sys.exit(f"{PROG}: --check-n must be at least 2 (a covariance needs two images), got {cfg.check_n}")
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/best.pt (or RUN/ckpt.pt, written by training)")
+    if cfg.sample:
+        sample_mode(cfg)
+    else:
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing shared by every script (a first reading stops at main(), above): the flags, reading datasets
+# from disk, the run (processes, resume, log, checkpoints, Ctrl-C), files, progress
+# =============================================================================================
+# >>> shared: argparse
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we print one line
+        sys.exit(f"{PROG}: {message} (see --help)")
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def parse_args(argv=None) -> Config:
+    """Every Config field becomes a flag; its comment in the class above is the --help text."""
+    helps = dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    parser = OneLineErrorParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else \
+            {"type": finite_float if f.type is float else f.type, "choices": CHOICES.get(f.name)}
+        shown = helps.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=shown, **kind)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number in RANGES lies in its range, before anything runs; else one line naming the flag."""
+    tests = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
+             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             ">=-1": (lambda v: v >= -1, ">= 0 (or -1 for none)")}
+    for name, rule in RANGES.items():
+        value, (ok, words) = getattr(cfg, name), tests[rule]
+        if not (math.isfinite(value) and ok(value)):
+            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be {words}, got {value}")
+
+
+def run_main(main) -> None:
+    """main(parse_args()), with what a user's machine can throw turned into one line, not a traceback."""
+    try:
+        main(parse_args())
+    except OSError as e:  # disk full, permission denied, read-only folder, too many open files, ...
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        sys.exit(f"{PROG}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+                 + (" (free some space or choose another --out; the last checkpoint is intact)" if full else ""))
+    except KeyboardInterrupt:
+        sys.exit(f"{PROG}: interrupted")
+# <<< shared: argparse
+
+
+# >>> shared: data_files
+TORCHVISION_FILES = {  # what to put where when torchvision cannot download (offline machines)
+    "cifar10": ("CIFAR10", "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)", ""),
+    "mnist": ("MNIST", "train-images-idx3-ubyte and train-labels-idx1-ubyte (.gz is fine)", "MNIST/raw/"),
+    "fashion-mnist": ("FashionMNIST", "train-images-idx3-ubyte and train-labels-idx1-ubyte (.gz is fine)",
+                      "FashionMNIST/raw/"),
+}
+
+
+def read_torchvision(name: str, root: str):
+    """A torchvision dataset's training split: uint8 images (N, C, H, W) and labels (N,). The download
+    is tried only when the files are not there; offline, one line says which files to put where."""
+    import torchvision
+    cls, files, sub = TORCHVISION_FILES[name]
+    try:
+        ds = getattr(torchvision.datasets, cls)(root, train=True, download=False)
+    except RuntimeError:
+        try:
+            ds = getattr(torchvision.datasets, cls)(root, train=True, download=True)
+        except Exception as e:  # offline: say exactly what to put where
+            sys.exit(f"{PROG}: cannot download {name} ({type(e).__name__}); "
+                     f"put {files} in {os.path.join(root, sub)} and run again")
+    return as_nchw(torch.as_tensor(np.asarray(ds.data)), name), torch.as_tensor(np.asarray(ds.targets))
+
+
+def read_npy(path: str, labels_path: str = ""):
+    """A .npy stack of images as uint8 (N, C, H, W) (see pixels_to_uint8 for the values it takes), and
+    --labels FILE.npy if given (else None)."""
+    try:
+        array = np.load(path, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
+    except (ValueError, OSError) as e:
+        sys.exit(f"{PROG}: cannot read {path} as a numpy array: {first_line(e)}")
+    if array.dtype.kind in "iufb" and array.ndim not in (3, 4):  # numbers, but not a stack of images:
+        images = torch.empty(array.shape, dtype=torch.uint8)  # as_nchw names the shape, pixels unread
+    else:
+        images = pixels_to_uint8(array, path)
+    images = as_nchw(images, path)
+    return images, read_labels(labels_path, len(images)) if labels_path else None
+
+
+def as_nchw(images: torch.Tensor, name: str) -> torch.Tensor:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W) with C = 1 or 3; else one line naming the shape."""
+    if images.dim() == 3:
+        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
+    elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2 or min(images.shape[2:]) < 1:
+        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, (N, H, W), (N, H, W, C) or "
+                 f"(N, C, H, W); got shape {tuple(images.shape)}")
+    return images
+
+
+def pixels_to_uint8(array: np.ndarray, name: str) -> torch.Tensor:
+    """Images as uint8 [0, 255]. Integers (any dtype) are pixels in [0, 255]; floats are read as [0, 1],
+    or as [-1, 1] if any value is negative. (fid.py reads .npy files by the same rule.)"""
+    if array.dtype.kind in "iu":
+        if array.size and not 0 <= array.min() <= array.max() <= 255:
+            sys.exit(f"{PROG}: {name}: integer pixels must be in [0, 255], got [{array.min()}, {array.max()}]")
+        return torch.as_tensor(array.astype(np.uint8))
+    if array.dtype.kind not in "fb":
+        sys.exit(f"{PROG}: {name}: cannot read {array.dtype} values as pixels (use uint8, or floats in [0, 1])")
+    x = torch.as_tensor(array.astype(np.float32))
+    low, high = (x.min().item(), x.max().item()) if x.numel() else (0, 0)
+    if not (math.isfinite(low + high) and (0 <= low and high <= 1 or -1 <= low < 0 and high <= 1)):
+        sys.exit(f"{PROG}: {name}: float pixels must be in [0, 1] or [-1, 1], got [{low:.3g}, {high:.3g}] "
+                 "(save pixel values 0..255 as uint8)")
+    return ((x + 1) / 2 if low < 0 else x).mul(255).round().to(torch.uint8)
+
+
+def read_folder(folder: str, size: int):
+    """The images of a folder as uint8 (N, 1, H, W) if all are grey, else (N, 3, H, W), resized to size×size
+    (0: the first image's width). A folder with no images but subfolders of them, one per class
+    (torchvision's ImageFolder layout), gives their images and the labels 0, 1, ... in sorted order."""
+    from PIL import Image
+    image = lambda p: p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))  # noqa: E731
+    paths, labels = sorted(os.path.join(folder, p) for p in os.listdir(folder) if image(p)), None
+    if not paths:  # one subfolder per class?
+        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        found = [(os.path.join(folder, c, p), k) for k, c in enumerate(classes)
+                 for p in sorted(os.listdir(os.path.join(folder, c))) if image(p)]
+        paths, labels = [p for p, _ in found], torch.tensor([k for _, k in found])
+    if not paths:
+        sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {folder} (nor in subfolders of it, one per class)")
+    pictures = []
+    for path in paths:  # one file open at a time
+        try:
+            with Image.open(path) as im:
+                pictures.append(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+        except OSError as e:
+            sys.exit(f"{PROG}: cannot read image {path}: {e}")
+    mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"  # a folder of grey images stays grey
+    size = size or pictures[0].size[0]
+    return as_nchw(torch.as_tensor(np.stack([np.asarray(p.convert(mode).resize((size, size), Image.BICUBIC))
+                                             for p in pictures])), folder), labels
+
+
+def read_labels(path: str, n: int) -> torch.Tensor:
+    """--labels FILE.npy: integer labels (N,), or one-hot rows (N, K) as the 16x16 Sprites set ships them."""
+    try:
+        y = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        sys.exit(f"{PROG}: cannot read --labels {path}: {first_line(e)}")
+    y = y.argmax(1) if y.ndim == 2 else y
+    if y.shape != (n,) or y.dtype.kind not in "iuf" or y.min() < 0 or (y != np.round(y)).any():
+        sys.exit(f"{PROG}: --labels {path} must hold {n} labels 0, 1, ... (shape ({n},)) or {n} one-hot rows, "
+                 f"got shape {y.shape} of {y.dtype}")
+    return torch.as_tensor(y.astype(np.int64))
+# <<< shared: data_files
 
 
 # >>> shared: run
@@ -730,51 +798,6 @@ class Run:
 # <<< shared: run
 
 
-# =============================================================================================
-# 7. Main: train, or generate from a checkpoint
-# =============================================================================================
-def load_for_sampling(cfg: Config):
-    """The generator of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
-    state = load_checkpoint(cfg.ckpt, needs=("generator", "discriminator", "config", "step"))
-    cfg = dataclasses.replace(cfg, **{k: state["config"][k] for k in ARCH_FIELDS})
-    channels = state["discriminator"]["net.0.weight"].shape[1]  # D's first convolution reads the image
-    G, _ = build_model(cfg, channels)
-    G.load_state_dict(state["generator"])
-    return G.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state
-
-
-def sample_mode(cfg: Config) -> None:
-    """--sample: N PNGs and a grid from a checkpoint, with the sampling speed (and FID with --fid)."""
-    device = pick_device(cfg.device)
-    model, cfg, shape, state = load_for_sampling(cfg)
-    run_dir = cfg.out or sample_dir(cfg, state)
-    n = max(cfg.num_samples, cfg.fid)
-    start = time.time()
-    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed))
-    seconds = time.time() - start  # generate() ends by copying to the host: the clock is honest
-    save_pngs(images, os.path.join(run_dir, "generated"))
-    save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
-    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
-          f"step {state['step']}) -> {run_dir}/generated/")
-    if cfg.fid:
-        run_fid(cfg, images[:cfg.fid], run_dir, state["step"])
-
-
-def main(cfg: Config) -> None:
-    check_ranges(cfg)
-    if cfg.check_n < 2:
-        sys.exit(f"{PROG}: --check-n must be at least 2 (a covariance needs two images), got {cfg.check_n}")
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/best.pt (or RUN/ckpt.pt, written by training)")
-    if cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
-
-
-# =============================================================================================
-# Plumbing shared by every script: devices, files, checkpoints, progress (a first reading can skip it)
-# =============================================================================================
 # >>> shared: plumbing
 def pick_device(name: str) -> torch.device:
     if name == "auto":

@@ -30,8 +30,8 @@ def shared_blocks(path):
 
 def test_shared_blocks_are_identical_to_ddpm():
     ours, theirs = shared_blocks("ddim.py"), shared_blocks("ddpm.py")
-    assert set(ours) == set(theirs) == {"argparse", "data", "unet", "diffusion", "generate", "train", "run",
-                                        "sample_mode", "visualize", "plumbing", "progress"}
+    assert set(ours) == set(theirs) == {"argparse", "data", "data_files", "unet", "diffusion", "generate", "train",
+                                        "run", "sample_mode", "visualize", "plumbing", "progress"}
     for name, block in ours.items():
         assert block == theirs[name], f"shared block {name!r} differs from ddpm.py's"
 
