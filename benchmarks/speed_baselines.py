@@ -34,7 +34,7 @@ import vaegan  # noqa: E402
 RECIPES = {  # the networks of the MNIST CPU recipes (README.md)
     "dcgan": (dcgan, dict(g_channels=64, d_channels=64, check_every=10 ** 9)),
     "vae": (vae, dict(channels=16, likelihood="bernoulli")),
-    "vaegan": (vaegan, dict(channels=64, d_channels=64)),
+    "vaegan": (vaegan, dict(channels=64, d_channels=64, d_dense=64, feature_sigma=5.0)),
 }
 
 
