@@ -11,9 +11,9 @@ other); this file only times them, reads what they leave behind and scores their
 
 Presets
   cpu-mnist    README.md's CPU recipes on MNIST: ddpm.py (T = 100) with the cosine and the linear schedule,
-               ddim.py sampling the cosine checkpoint (50 steps, η = 1: the best row of README's DDIM
-               table), dcgan.py (samples from best.pt), vae.py, vaegan.py. 2000 samples each, scored by
-               MNIST-FID (benchmarks/mnist_fid.py: a LeNet's features vs the 10k MNIST test images; NOT
+               ddim.py sampling the cosine checkpoint (20 steps, η = 1, trailing τ, clipped x̂₀: the CPU
+               recipes' sampler, docs/ddim.md), dcgan.py (samples from best.pt), vae.py, vaegan.py. 2000
+               samples each, scored by MNIST-FID (benchmarks/mnist_fid.py: a LeNet's features vs the 10k MNIST test images; NOT
                comparable with papers), or by fid.py's Inception FID with --fid-weights.
   gpu-cifar10  The paper-faithful CIFAR-10 runs: each script's defaults (DDPM linear and cosine: the paper's
                35.7M U-Net, 800k steps), DDIM with 50 and 100 steps (η = 0, quadratic τ, the DDIM paper's
@@ -99,9 +99,9 @@ def preset_models(preset: str, data: str, n: int) -> list:
         return [
             *[Model(f"ddpm-{s}", f"DDPM ({s}, T = 100)", "ddpm.py", ["--schedule", s, *ddpm_train], ddpm_sample,
                     **ddpm_loss) for s in ("cosine", "linear")],
-            Model("ddim", "DDIM, 50 steps, η = 1 (DDPM cosine's checkpoint)", "ddim.py", [],
-                  ["--sample-steps", "50", "--eta", "1", "--no-clip-x0", "--num-samples", str(n), "--batch-size", "64",
-                   "--precision", "bf16", *cpu], source="ddpm-cosine", **ddpm_loss),
+            Model("ddim", "DDIM, 20 steps, η = 1, trailing τ (DDPM cosine's checkpoint)", "ddim.py", [],
+                  ["--sample-steps", "20", "--eta", "1", "--skip", "trailing", "--num-samples", str(n), "--batch-size",
+                   "64", "--precision", "bf16", *cpu], source="ddpm-cosine", **ddpm_loss),
             Model("dcgan", "DCGAN (best.pt)", "dcgan.py",
                   ["--dataset", data, "--g-channels", "64", "--d-channels", "64", "--steps", "6000", "--check-every",
                    "250", "--ckpt-every", "500", "--sample-every", "500", "--precision", "bf16", *cpu],
