@@ -85,7 +85,7 @@ class Config:
     check_every: int = 2000  # steps between quality checks; the best generator so far is kept as best.pt
     check_n: int = 2000  # generated images per check (and real ones for the proxy's reference)
     # --- run ---
-    out: str = ""  # run directory ("": runs/dcgan-<dataset>; with --sample: beside the checkpoint)
+    out: str = ""  # run directory ("": runs/dcgan-<dataset>; --sample: the checkpoint's folder, or its dcgan-samples/ for another script's)
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
     precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile both networks for training (the saved weights are not compiled)

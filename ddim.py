@@ -16,7 +16,8 @@ Commands
   python ddim.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --sample-steps 50 --eta 0   # any ddpm.py
         checkpoint; S = 50 network calls per image instead of T = 1000: ≈ 20× faster than ddpm.py
   python ddim.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --sample-steps 100 --skip quadratic --no-clip-x0 \
-        --num-samples 50000 --fid 50000   # paper, Table 1 (CIFAR-10, η = 0): FID 4.16 (S = 100), 4.67 (S = 50)
+        --num-samples 50000 --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth
+        # the DDIM paper's Table 1 setting (CIFAR-10, η = 0), on the ruler of its FIDs
   python ddim.py --sample --ckpt runs/ddpm-mnist/ckpt.pt --sample-steps 20 --eta 1 --skip trailing
         # the CPU recipes' sampler: within 4 % of DDPM's MNIST-FID at 1/5 of its calls (docs/ddim.md)
   python ddim.py --invert --ckpt RUN/ckpt.pt        # invert.png: images, their latents x_T, reconstructions
@@ -110,7 +111,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights (paper: 0.9999)
     # --- run ---
-    out: str = ""  # run directory ("": runs/ddim-<dataset>; with --sample: beside the checkpoint)
+    out: str = ""  # run directory ("": runs/ddim-<dataset>; --sample: the checkpoint's folder, or its ddim-samples/ for another script's)
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
     precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the network for training (the saved weights are not compiled)
@@ -407,7 +408,8 @@ def lr_factor(cfg: Config, s: int) -> float:
 # =============================================================================================
 # 5. Sampler: DDIM's generalised reverse process (Song et al., Eq. 12), inversion, interpolation
 # =============================================================================================
-# (Equation numbers in this section are Song et al.'s; above them, Ho et al.'s.)
+# (Equation numbers in this section are Song et al.'s; above them, Ho et al.'s. So is the notation, but
+# for one name: Song et al.'s α_t is Ho et al.'s ᾱ_t, the signal left after t steps. We write ᾱ_t throughout.)
 # L_simple above trains ε_θ on q(x_t | x_0) alone. Any reverse process with those same marginals
 # can use it: DDIM's family (Eq. 12) has them for every σ, and for every sub-sequence τ of the
 # steps, so it can jump from τ_i straight to τ_{i−1}: S network calls instead of T.

@@ -94,7 +94,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights (paper: 0.9999)
     # --- run ---
-    out: str = ""  # run directory ("": runs/ddpm-<dataset>; with --sample: beside the checkpoint)
+    out: str = ""  # run directory ("": runs/ddpm-<dataset>; --sample: the checkpoint's folder, or its ddpm-samples/ for another script's)
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
     precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the network for training (the saved weights are not compiled)

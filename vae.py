@@ -84,7 +84,7 @@ class Config:
     batch_size: int = 128  # images per step (128, as in "Generating Realistic Images using DDPM"); also the sampling batch
     lr: float = 1e-3  # Adam learning rate (1e-3, as in "Generating Realistic Images using DDPM")
     # --- run ---
-    out: str = ""  # run directory ("": runs/vae-<dataset>; with --sample: beside the checkpoint)
+    out: str = ""  # run directory ("": runs/vae-<dataset>; --sample: the checkpoint's folder, or its vae-samples/ for another script's)
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
     precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the network for training (the saved weights are not compiled)

@@ -112,7 +112,7 @@ class Config:
     lr: float = 2e-4  # Adam learning rate of all three networks (DCGAN's 2e-4)
     beta1: float = 0.5  # Adam β₁ (DCGAN's 0.5)
     # --- run ---
-    out: str = ""  # run directory ("": runs/vaegan-<dataset>; with --sample: beside the checkpoint)
+    out: str = ""  # run directory ("": runs/vaegan-<dataset>; --sample: the checkpoint's folder, or its vaegan-samples/ for another script's)
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
     precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the networks for training (the saved weights are not compiled)
