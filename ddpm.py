@@ -850,6 +850,8 @@ class Run:
         if self.metrics:
             self.metrics.close()
         if self.world > 1 and torch.distributed.is_initialized():
+            if error[0] is None:  # a clean end: wait until every process is done (process 0 writes the last files),
+                torch.distributed.barrier()  # so that none tears the group down while another still uses it
             torch.distributed.destroy_process_group()
 
     def start(self, **facts) -> None:
