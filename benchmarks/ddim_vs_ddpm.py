@@ -101,7 +101,8 @@ def tradeoff_figure(rows: list, etas: list, path: str, measure: str, note: str) 
     xlo, xhi, ticks = min(xs) / 1.3, max(xs) * 1.3, compare.nice_ticks(0, max(ys))
     px = lambda c, q: (left + (right - left) * math.log(c / xlo) / math.log(xhi / xlo),  # noqa: E731
                        bottom - (bottom - top) * q / ticks[-1])
-    compare.write(draw, (left, 12), f"{measure} against network calls per image ({note})", 13, fill="black")
+    compare.write(draw, (left, 8), f"{measure} against network calls per image", 13, fill="black")
+    compare.write(draw, (left, 28), f"({note})", 11, fill="black")  # a line of its own: it can be long
     for t in ticks:
         draw.line((left, px(xlo, t)[1], right, px(xlo, t)[1]), fill=(220, 220, 220))
         compare.write(draw, (left - 6, px(xlo, t)[1]), f"{t:g}", 10, fill="black", anchor="rm")
