@@ -99,6 +99,8 @@ def tradeoff_figure(rows: list, etas: list, path: str, measure: str, note: str) 
     draw = ImageDraw.Draw(image)
     xs, ys = [c for c, _ in points], [q for _, q in points]
     xlo, xhi, ticks = min(xs) / 1.3, max(xs) * 1.3, compare.nice_ticks(0, max(ys))
+    if ticks[-1] < max(ys):  # nice_ticks stays inside [0, max]: one round value more keeps every point in the frame
+        ticks.append(ticks[-1] + ticks[1] - ticks[0])
     px = lambda c, q: (left + (right - left) * math.log(c / xlo) / math.log(xhi / xlo),  # noqa: E731
                        bottom - (bottom - top) * q / ticks[-1])
     compare.write(draw, (left, 8), f"{measure} against network calls per image", 13, fill="black")

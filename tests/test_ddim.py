@@ -337,3 +337,19 @@ def test_benchmark_scores_mnist_with_mnist_fid(monkeypatch):
     name, measure = ddim_vs_ddpm.quality_measure("mnist", args)
     assert measure is None and "n/a" in name
     assert ddim_vs_ddpm.quality_measure("cifar10", args)[1] is None  # FID only with --fid-weights
+
+
+def test_tradeoff_figure_keeps_every_point_inside_its_frame(tmp_path):
+    # The highest FID (45.98) lies above the last round tick below it (40): the y axis must reach past it,
+    # or the η = 0 line leaves the plot through its top edge (y < 50, the frame's top in pixels).
+    rows = [("DDPM (σ² = β̃, clipped x̂₀)", 100, 1.0, "13.66")]
+    for S, fids in ((10, (45.98, 27.21)), (20, (27.19, 13.21)), (50, (21.07, 11.20))):
+        rows += [(f"DDIM η = {eta:g}, trailing τ, clipped x̂₀", S, 1.0, f"{fid}") for eta, fid in zip((0, 1), fids)]
+    path = str(tmp_path / "tradeoff.png")
+    ddim_vs_ddpm.tradeoff_figure(rows, [0.0, 1.0], path, "MNIST-FID", "test")
+    from PIL import Image
+    import compare
+    image = Image.open(path).convert("RGB")
+    color, (W, H) = tuple(compare.COLORS[0]), image.size  # the η = 0 line's colour
+    ys = [y for y in range(H) for x in range(W) if image.getpixel((x, y)) == color]
+    assert ys and min(ys) >= 50, (min(ys) if ys else None)
