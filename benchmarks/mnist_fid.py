@@ -107,6 +107,14 @@ def score(images: torch.Tensor, data_root: str = "data") -> float:
     return fid.frechet_distance(*stats(net, (images.float() * 0.5 + 0.5).clamp(0, 1)), *stats(net, reference))
 
 
+def strokes(images: torch.Tensor) -> tuple:
+    """(ink, grey): the fraction of pixels that are ink (x > 0) and of pixels that are neither paper nor
+    ink (|x| < 0.8, the edges of strokes), for images in [-1, 1]. MNIST's test set: 13.4 % and 8.6 %.
+    More ink than that is bolder digits, more grey is blurrier ones; the FID sees both, but not which."""
+    x = images.float()
+    return (x > 0).float().mean().item(), (x.abs() < 0.8).float().mean().item()
+
+
 @torch.no_grad()
 def classes(images: torch.Tensor, data_root: str = "data") -> torch.Tensor:
     """The digit the same classifier sees in each image (N, 1, 28, 28) in [-1, 1]: (N,) in 0..9."""
@@ -135,6 +143,10 @@ if __name__ == "__main__":
     images, asked = load_folder(args.folder)
     print(f"MNIST-FID {score(images, args.data_root):.2f}  (n = {len(images)}, LeNet features, "
           f"vs the 10k MNIST test images; not comparable with Inception FID)")
+    ink, grey = strokes(images)
+    real_ink, real_grey = strokes(mnist(args.data_root, train=False)[0] * 2 - 1)
+    print(f"ink (pixels > 0) {100 * ink:.2f}%, grey (|pixel| < 0.8) {100 * grey:.2f}%; the MNIST test set: "
+          f"{100 * real_ink:.2f}% and {100 * real_grey:.2f}% (more ink: bolder digits; more grey: blurrier)")
     seen = classes(images, args.data_root)
     print("classes seen by the classifier: " + " ".join(f"{k}: {n}" for k, n in
                                                          enumerate(torch.bincount(seen, minlength=10).tolist())))

@@ -1,4 +1,6 @@
 """The benchmarks run (their figures are printed, never asserted as timings)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,36 @@ def test_mnist_fid_ranks_real_digits_far_above_noise():
     scores = [mnist_fid.score(x, MNIST_ROOT) for x in (real, blurred, noise)]
     assert scores[0] < scores[1] < scores[2] and scores[0] < 20, scores
     assert np.isfinite(scores).all()
+
+
+def test_mnist_fid_strokes_counts_ink_and_grey_pixels():
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import mnist_fid
+    x = torch.full((2, 1, 28, 28), -1.0)  # paper everywhere
+    assert mnist_fid.strokes(x) == (0.0, 0.0)
+    x[0, 0, :14] = 1.0  # half of one image is ink: a quarter of all pixels
+    x[1, 0, :7] = 0.5  # an eighth is ink, but not saturated: grey too
+    x[1, 0, 7:14] = -0.5  # another eighth is grey on the paper side: not ink
+    ink, grey = mnist_fid.strokes(x)
+    assert ink == pytest.approx(0.25 + 0.125) and grey == pytest.approx(0.125 + 0.125)
+
+
+@needs_mnist
+def test_mnist_fid_command_prints_the_stroke_statistics(tmp_path):
+    """The scorer's command line on a folder of real digits: its ink and grey are the test set's, near enough."""
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import mnist_fid
+    from PIL import Image
+    for i, image in enumerate(mnist_fid.mnist(MNIST_ROOT, train=True)[0][:200]):
+        Image.fromarray((image[0] * 255).round().byte().numpy()).save(tmp_path / f"{i:06d}.png")
+    r = run_script("benchmarks/mnist_fid.py", str(tmp_path), "--data-root", MNIST_ROOT)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("ink"))
+    ink, grey, real_ink, real_grey = (float(v) for v in re.findall(r"([\d.]+)%", line))
+    assert (real_ink, real_grey) == (13.42, 8.59), line
+    assert abs(ink - real_ink) < 1.5 and abs(grey - real_grey) < 1.5, line
 
 
 def test_gpu_check_runs_its_whole_plan_on_the_cpu(tmp_path):
