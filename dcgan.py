@@ -19,7 +19,9 @@ Commands
 
 Sections
   1. Config     2. Data     3. Model (G and D)     4. Objective (the minimax game, BCE on logits)
-  5. Sampler and the quality check     6. Train (the game; then its plumbing)     7. Main
+  5. Sampler and the quality check     6. Train (the game)     7. Main
+  then, behind a fence, the plumbing a first reading skips: --sample, the flags, dataset files,
+  the run (processes, resume, checkpoints, log), files and progress lines
 
 Where we depart from the paper (and why)
   - Native 32x32 (the paper's nets are 64x64): the 4x4x1024 layer is dropped, so G goes
@@ -410,7 +412,25 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint
+# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# =============================================================================================
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.check_n < 2:
+        sys.exit(f"{PROG}: --check-n must be at least 2 (a covariance needs two images), got {cfg.check_n}")
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/best.pt (or RUN/ckpt.pt, written by training)")
+    if cfg.sample:
+        sample_mode(cfg)
+    else:
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing (a first reading stops at main(), above). First what main() runs besides training: --sample
+# (PNGs, a grid, the speed, FID) and the other commands that write files around the sampler; then, shared
+# by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
+# Ctrl-C), files, progress
 # =============================================================================================
 def load_for_sampling(cfg: Config):
     """The generator of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
@@ -439,22 +459,6 @@ def sample_mode(cfg: Config) -> None:
         run_fid(cfg, images[:cfg.fid], run_dir, state["step"])
 
 
-def main(cfg: Config) -> None:
-    check_ranges(cfg)
-    if cfg.check_n < 2:
-        sys.exit(f"{PROG}: --check-n must be at least 2 (a covariance needs two images), got {cfg.check_n}")
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/best.pt (or RUN/ckpt.pt, written by training)")
-    if cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
-
-
-# =============================================================================================
-# Plumbing shared by every script (a first reading stops at main(), above): the flags, reading datasets
-# from disk, the run (processes, resume, log, checkpoints, Ctrl-C), files, progress
-# =============================================================================================
 # >>> shared: argparse
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we print one line

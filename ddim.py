@@ -19,21 +19,20 @@ Commands
         --num-samples 50000 --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth
         # the DDIM paper's Table 1 setting (CIFAR-10, η = 0), on the ruler of its FIDs
   python ddim.py --sample --ckpt runs/ddpm-mnist/ckpt.pt --sample-steps 20 --eta 1 --skip trailing
-        # the CPU recipes' sampler: 1/5 of DDPM's calls for 1.04-2.1x its MNIST-FID (docs/ddim.md)
-  python ddim.py --sample --ckpt RUN/ckpt.pt --sample-steps 50 --eta 1 --skip trailing
-        # the best trade-off measured, on a model trained with --timesteps 1000: 1/20 of DDPM's calls
-        # for 1.02x its MNIST-FID (docs/ddim.md)
+        # the CPU recipes' sampler: 1/5 of DDPM's calls for 1.04-2.1x its MNIST-FID; on a model trained
+        # with --timesteps 1000, --sample-steps 50 made 1/20 of the calls for 1.02x (docs/ddim.md)
   python ddim.py --invert --ckpt RUN/ckpt.pt        # invert.png: images, their latents x_T, reconstructions
   python ddim.py --interpolate --ckpt RUN/ckpt.pt   # interpolate.png: slerp between two x_T, decoded with η = 0
-  python ddim.py --dataset mnist ...                # trains exactly as ddpm.py does (same flags, same recipe,
-                                                    # and torchrun --nproc_per_node=N ddim.py for N GPUs)
+  python ddim.py --dataset mnist ...                # trains exactly as ddpm.py does (same flags; torchrun too)
   python benchmarks/ddim_vs_ddpm.py --ckpt RUN/ckpt.pt   # DDPM vs DDIM: time and quality (docs/ddim.md)
---steps counts training steps, as in every script, so DDIM's number of sampling steps S is
---sample-steps (the DDIM code's --timesteps): `--sample-steps 50`, never `--steps 50`, to sample.
+DDIM's number of sampling steps S is --sample-steps (the DDIM code's --timesteps): --steps counts
+training steps, as in every script.
 
 Sections
   1. Config     2. Data     3. Model (U-Net)     4. Objective (schedules, q(x_t|x_0), L_simple)
   5. Sampler (DDIM, Eq. 12; inversion; interpolation)     6. Train     7. Main
+  then, behind a fence, the plumbing a first reading skips: --sample, --visualize, --invert and
+  --interpolate, the flags, dataset files, the run (processes, resume, checkpoints, log), files
 
 Where we depart from the paper and its code (and why)
   - The uniform τ is ⌊i·T/S⌋: the DDIM code's range(0, T, T // S) whenever S divides T, and still
@@ -42,14 +41,12 @@ Where we depart from the paper and its code (and why)
     t = 0 when S ≳ √T (0, 0, 1, 2, 5, … for S = 50, T = 1000) are moved up to the previous step + 1.
   - Inversion calls ε_θ at the step it goes to, as common inversion code does: the network has no
     input for the clean level it starts from.
-  - x̂_0 is clipped to [-1, 1] by default (the DDIM code does not clip: --no-clip-x0), and ε is
-    recomputed from the clipped x̂_0, as guided-diffusion's DDIM sampler does, so that each step stays
-    consistent with the x̂_0 it uses. Measured (docs/ddim.md, MNIST, n = 2000): the same score at
-    S = 10 and 20, better at S = 50 (31.5 against 37.6, η = 0), and it is the guard the trailing τ
-    needs: its first step is at t = T−1, where the cosine schedule's β is capped at 0.999 and
-    √ᾱ ≈ 5e-4, so x̂_0 = (x_t − √(1−ᾱ)·ε_θ)/√ᾱ multiplies the network's error by ~2000;
-    unclipped, trailing scores ~700 at every S. The uniform τ stays the default: at η = 0 it beat
-    the clipped trailing τ at S = 10, 20 and 50 (57 / 33 / 31 against 64 / 43 / 35).
+  - x̂_0 is clipped to [-1, 1] by default (the DDIM code does not: --no-clip-x0), and ε recomputed from
+    the clipped x̂_0, as guided-diffusion's DDIM sampler does, so each step agrees with the x̂_0 it uses.
+    The trailing τ needs it: its first step is t = T−1, where the cosine schedule's √ᾱ ≈ 5e-4, so
+    x̂_0 = (x_t − √(1−ᾱ)·ε_θ)/√ᾱ multiplies the network's error by ~2000 (unclipped: MNIST-FID ~700).
+    With the uniform τ, clipping scored the same at S = 10 and 20 and better at S = 50 (docs/ddim.md).
+  - The uniform τ stays the default: at η = 0 it beat the clipped trailing τ at S = 10, 20 and 50.
   - Training is ddpm.py's, departures included (see its header).
 """
 import argparse
@@ -523,12 +520,6 @@ def network_calls(cfg: Config) -> int:
     return cfg.sample_steps
 
 
-def check_sample_steps(cfg: Config) -> None:
-    if cfg.sample_steps > cfg.timesteps:
-        sys.exit(f"{PROG}: --sample-steps {cfg.sample_steps} is more than the model's "
-                 f"T = {cfg.timesteps} diffusion steps; use at most {cfg.timesteps}")
-
-
 # >>> shared: generate
 def guided(model, y: torch.Tensor, w: float):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as an ε-model (x_t, t) -> ε, for any sampler:
@@ -636,7 +627,35 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate, invert or interpolate with a checkpoint
+# 7. Main: train, or generate, invert or interpolate with a checkpoint (those commands: after the fence)
+# =============================================================================================
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.channel_mult:
+        int_list(cfg.channel_mult, "--channel-mult")
+    if cfg.attn_res not in ("", "none"):
+        int_list(cfg.attn_res, "--attn-res")
+    mode = next((f"--{name}" for name in ("invert", "interpolate", "sample") if getattr(cfg, name)), "")
+    if mode and not cfg.ckpt:
+        sys.exit(f"{PROG}: {mode} needs --ckpt RUN/ckpt.pt (a checkpoint written by ddpm.py or ddim.py)")
+    if cfg.invert:
+        invert_mode(cfg)
+    elif cfg.interpolate:
+        interpolate_mode(cfg)
+    elif cfg.visualize:
+        visualize(cfg)
+    elif cfg.sample:
+        sample_mode(cfg)
+    else:
+        check_sample_steps(cfg)  # training draws its sample grids with DDIM: catch a bad S before it starts
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing (a first reading stops at main(), above). First what main() runs besides training: --sample
+# (PNGs, a grid, the speed, FID) and the other commands that write files around the sampler; then, shared
+# by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
+# Ctrl-C), files, progress
 # =============================================================================================
 # >>> shared: sample_mode
 def load_for_sampling(cfg: Config):
@@ -752,32 +771,13 @@ def interpolate_mode(cfg: Config) -> None:
           f"with η = 0 (S = {cfg.sample_steps}, {cfg.skip} τ)")
 
 
-def main(cfg: Config) -> None:
-    check_ranges(cfg)
-    if cfg.channel_mult:
-        int_list(cfg.channel_mult, "--channel-mult")
-    if cfg.attn_res not in ("", "none"):
-        int_list(cfg.attn_res, "--attn-res")
-    mode = next((f"--{name}" for name in ("invert", "interpolate", "sample") if getattr(cfg, name)), "")
-    if mode and not cfg.ckpt:
-        sys.exit(f"{PROG}: {mode} needs --ckpt RUN/ckpt.pt (a checkpoint written by ddpm.py or ddim.py)")
-    if cfg.invert:
-        invert_mode(cfg)
-    elif cfg.interpolate:
-        interpolate_mode(cfg)
-    elif cfg.visualize:
-        visualize(cfg)
-    elif cfg.sample:
-        sample_mode(cfg)
-    else:
-        check_sample_steps(cfg)  # training draws its sample grids with DDIM: catch a bad S before it starts
-        train(cfg)
+def check_sample_steps(cfg: Config) -> None:
+    """S <= T, checked before anything runs: DDIM visits S of the model's T steps."""
+    if cfg.sample_steps > cfg.timesteps:
+        sys.exit(f"{PROG}: --sample-steps {cfg.sample_steps} is more than the model's "
+                 f"T = {cfg.timesteps} diffusion steps; use at most {cfg.timesteps}")
 
 
-# =============================================================================================
-# Plumbing shared by every script (a first reading stops at main(), above): the flags, reading datasets
-# from disk, the run (processes, resume, log, checkpoints, Ctrl-C), files, progress
-# =============================================================================================
 # >>> shared: argparse
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we print one line

@@ -22,7 +22,9 @@ Commands
 
 Sections
   1. Config   2. Data   3. Model (U-Net)   4. Objective (schedules, q(x_t|x_0), Algorithm 1's loss)
-  5. Sampler (Algorithm 2)   6. Train (Algorithm 1; then its plumbing)   7. Main
+  5. Sampler (Algorithm 2)   6. Train (Algorithm 1)   7. Main
+  then, behind a fence, the plumbing a first reading skips: --sample and --visualize, the flags,
+  dataset files, the run (processes, resume, checkpoints, log), files and progress lines
 
 Where we depart from the paper (and why)
   - For T != 1000 the linear schedule's endpoints are scaled by 1000/T (as in Nichol &
@@ -550,7 +552,29 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint
+# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# =============================================================================================
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.channel_mult:
+        int_list(cfg.channel_mult, "--channel-mult")
+    if cfg.attn_res not in ("", "none"):
+        int_list(cfg.attn_res, "--attn-res")
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
+    if cfg.visualize:
+        visualize(cfg)
+    elif cfg.sample:
+        sample_mode(cfg)
+    else:
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing (a first reading stops at main(), above). First what main() runs besides training: --sample
+# (PNGs, a grid, the speed, FID) and the other commands that write files around the sampler; then, shared
+# by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
+# Ctrl-C), files, progress
 # =============================================================================================
 # >>> shared: sample_mode
 def load_for_sampling(cfg: Config):
@@ -620,26 +644,6 @@ def visualize(cfg: Config) -> None:
 # <<< shared: visualize
 
 
-def main(cfg: Config) -> None:
-    check_ranges(cfg)
-    if cfg.channel_mult:
-        int_list(cfg.channel_mult, "--channel-mult")
-    if cfg.attn_res not in ("", "none"):
-        int_list(cfg.attn_res, "--attn-res")
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
-    if cfg.visualize:
-        visualize(cfg)
-    elif cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
-
-
-# =============================================================================================
-# Plumbing shared by every script (a first reading stops at main(), above): the flags, reading datasets
-# from disk, the run (processes, resume, log, checkpoints, Ctrl-C), files, progress
-# =============================================================================================
 # >>> shared: argparse
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we print one line

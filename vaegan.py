@@ -25,7 +25,9 @@ Commands
 Sections
   1. Config     2. Data (+ the test split)     3. Model (encoder, decoder, discriminator)
   4. Objective (L_prior, L_llike, L_GAN, and which network each updates)     5. Sampler
-  6. Train (Algorithm 1; then its plumbing)     7. Main
+  6. Train (Algorithm 1)     7. Main
+  then, behind a fence, the plumbing a first reading skips: --sample, the flags, dataset files,
+  the run (processes, resume, checkpoints, log), files and progress lines
 
 Where the authors' code departs from the paper, and what we do
   - Fakes: both count reconstructions x̃ and decoded prior draws x_p as fakes. Algorithm 1's L_GAN
@@ -473,7 +475,25 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint
+# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# =============================================================================================
+def main(cfg: Config) -> None:
+    check_ranges(cfg)
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
+    if cfg.reconstruct and not cfg.sample:
+        sys.exit(f"{PROG}: --reconstruct works with --sample --ckpt RUN/ckpt.pt")
+    if cfg.sample:
+        sample_mode(cfg)
+    else:
+        train(cfg)
+
+
+# =============================================================================================
+# Plumbing (a first reading stops at main(), above). First what main() runs besides training: --sample
+# (PNGs, a grid, the speed, FID) and the other commands that write files around the sampler; then, shared
+# by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
+# Ctrl-C), files, progress
 # =============================================================================================
 def load_for_sampling(cfg: Config):
     """The networks of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
@@ -514,22 +534,6 @@ def sample_mode(cfg: Config) -> None:
 # <<< shared: vae_sample_mode
 
 
-def main(cfg: Config) -> None:
-    check_ranges(cfg)
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
-    if cfg.reconstruct and not cfg.sample:
-        sys.exit(f"{PROG}: --reconstruct works with --sample --ckpt RUN/ckpt.pt")
-    if cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
-
-
-# =============================================================================================
-# Plumbing shared by every script (a first reading stops at main(), above): the flags, reading datasets
-# from disk, the run (processes, resume, log, checkpoints, Ctrl-C), files, progress
-# =============================================================================================
 # >>> shared: argparse
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + error; we print one line
