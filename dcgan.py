@@ -111,7 +111,7 @@ RANGES = {"image_size": ">=0", "latent": ">=1", "g_channels": ">=1", "d_channels
           "check_n": ">=1", "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1",
           "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "latent", "g_channels", "d_channels")  # fixed by a checkpoint: taken from it
-# parse_args() (in the plumbing, at the end) makes every field above a flag (batch_size: --batch-size),
+# parse_args() (in the plumbing, after the fence) makes every field above a flag (batch_size: --batch-size),
 # with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
 
 
@@ -225,7 +225,7 @@ def build_model(cfg: Config, image_channels: int):
 def discriminator_loss(D, real, fake):
     """D's side of Eq. 1, as a loss to minimise: −log D(x) − log(1 − D(G(z))). Also returns the
     logits, for the D(x) and D(G(z)) columns of metrics.csv."""
-    # real and fake in separate batches: BatchNorm normalises each on its own (as in the paper)
+    # real and fake in separate batches: BatchNorm normalises each on its own (as in the paper's code)
     logits_real, logits_fake = D(real), D(fake)  # (B,), (B,)
     # −log D(x) = BCE(ℓ_real, 1);  −log(1 − D(G(z))) = BCE(ℓ_fake, 0)
     loss = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real)) \
@@ -346,7 +346,7 @@ class QualityCheck:
 
 
 # =============================================================================================
-# 6. Train: the game (Goodfellow et al. Algorithm 1, k = 1); its plumbing, class Run, is at the end
+# 6. Train: the game (Goodfellow et al. Algorithm 1, k = 1); its plumbing, class Run, is after the fence
 # =============================================================================================
 def train(cfg: Config) -> None:
     """Goodfellow et al.'s Algorithm 1 with one D step per G step, and Adam as in Radford et al.: repeat {
@@ -392,7 +392,7 @@ def train(cfg: Config) -> None:
             D.requires_grad_(True)
             step += 1
 
-            # --- plumbing (class Run, at the end): the log, grids from fixed z, quality checks, checkpoints, Ctrl-C ---
+            # --- plumbing (class Run, after the fence): the log, grids from fixed z, quality checks, checkpoints, Ctrl-C ---
             # D(x) → 1 and D(G(z)) → 0 means D wins; both near 0.5 is the game's equilibrium
             run.log(step, loss_d=loss_d.detach(), loss_g=loss_g.detach(),
                     d_real=torch.sigmoid(logits_real.detach().float()).mean(),
@@ -412,7 +412,7 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# 7. Main: train, or generate from a checkpoint (sample_mode and the other commands: just after the fence)
 # =============================================================================================
 def main(cfg: Config) -> None:
     check_ranges(cfg)

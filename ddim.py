@@ -14,13 +14,14 @@ what only DDIM can do. It trains on its own with ddpm.py's flags, and samples dd
 
 Commands
   python ddim.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --sample-steps 50 --eta 0   # any ddpm.py
-        checkpoint; S = 50 network calls per image instead of T = 1000: ≈ 20× faster than ddpm.py
+        checkpoint; S = 50 network calls per image instead of T = 1000 (on an H200: 14× the images/s, docs/ddpm.md)
   python ddim.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --sample-steps 100 --skip quadratic --no-clip-x0 \
         --num-samples 50000 --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth
         # the DDIM paper's Table 1 setting (CIFAR-10, η = 0), on the ruler of its FIDs
   python ddim.py --sample --ckpt runs/ddpm-mnist/ckpt.pt --sample-steps 20 --eta 1 --skip trailing
-        # the CPU recipes' sampler: 1/5 of DDPM's calls for 1.04-2.1x its MNIST-FID; on a model trained
-        # with --timesteps 1000, --sample-steps 50 made 1/20 of the calls for 1.02x (docs/ddim.md)
+        # the CPU recipes' sampler: 1/5 of DDPM's calls for 1.32-2.1x its MNIST-FID on our CPU-trained
+        # models (1.04x on a GPU-trained one); trained with --timesteps 1000, --sample-steps 50 made
+        # 1/20 of the calls for 1.02x (docs/ddim.md)
   python ddim.py --invert --ckpt RUN/ckpt.pt        # invert.png: images, their latents x_T, reconstructions
   python ddim.py --interpolate --ckpt RUN/ckpt.pt   # interpolate.png: slerp between two x_T, decoded with η = 0
   python ddim.py --dataset mnist ...                # trains exactly as ddpm.py does (same flags; torchrun too)
@@ -43,8 +44,9 @@ Where we depart from the paper and its code (and why)
     input for the clean level it starts from.
   - x̂_0 is clipped to [-1, 1] by default (the DDIM code does not: --no-clip-x0), and ε recomputed from
     the clipped x̂_0, as guided-diffusion's DDIM sampler does, so each step agrees with the x̂_0 it uses.
-    The trailing τ needs it: its first step is t = T−1, where the cosine schedule's √ᾱ ≈ 5e-4, so
-    x̂_0 = (x_t − √(1−ᾱ)·ε_θ)/√ᾱ multiplies the network's error by ~2000 (unclipped: MNIST-FID ~700).
+    The trailing τ needs it: its first step is t = T−1, where the cosine schedule's √ᾱ ≈ 5e-4 at T = 100
+    (5e-5 at T = 1000), so x̂_0 = (x_t − √(1−ᾱ)·ε_θ)/√ᾱ multiplies the network's error by ~2000
+    (unclipped, at T = 100: MNIST-FID ~700).
     With the uniform τ, clipping scored the same at S = 10 and 20 and better at S = 50 (docs/ddim.md).
   - The uniform τ stays the default: at η = 0 it beat the clipped trailing τ at S = 10, 20 and 50.
   - Training is ddpm.py's, departures included (see its header).
@@ -84,7 +86,7 @@ class Config:
     image_size: int = 0  # 0: the dataset's own size; otherwise images are resized to this
     # --- diffusion ---
     schedule: str = "linear"  # noise schedule: linear (Ho et al.) | cosine (Nichol & Dhariwal)
-    timesteps: int = 1000  # T, the number of diffusion steps ("Generating Realistic Images using DDPM" used 300)
+    timesteps: int = 1000  # T, the number of diffusion steps (300 in the student project "Generating Realistic Images using DDPM": docs/compare.md)
     sample_steps: int = 50  # S, network calls per image: DDIM visits S of the T steps (the sub-sequence τ)
     eta: float = 0.0  # η in [0, 1]: 0 deterministic (DDIM), 1 DDPM-like noise (σ_t² = β̃_t when S = T)
     skip: str = "uniform"  # how τ picks S of the T steps: uniform (every T/S-th, from 0) | trailing (from T−1) | quadratic
@@ -140,7 +142,7 @@ RANGES = {"image_size": ">=0", "timesteps": ">=1", "channels": ">=0", "num_res_b
           "sample_steps": ">=1", "eta": "[0,1]"}
 ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult",
                "num_res_blocks", "attn_res", "dropout", "class_cond", "num_classes")  # fixed by a checkpoint: taken from it
-# parse_args() (in the plumbing, at the end) makes every field above a flag (batch_size: --batch-size),
+# parse_args() (in the plumbing, after the fence) makes every field above a flag (batch_size: --batch-size),
 # with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
 
 
@@ -202,7 +204,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def zero(layer: nn.Module) -> nn.Module:
     """Start a layer at zero output, as the paper's code does for the last layer of each branch:
-    every residual block then begins as the identity and the network begins by predicting ε = 0."""
+    every residual block then begins as its skip path and the network begins by predicting ε = 0."""
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
@@ -408,18 +410,21 @@ def lr_factor(cfg: Config, s: int) -> float:
 # =============================================================================================
 # 5. Sampler: DDIM's generalised reverse process (Song et al., Eq. 12), inversion, interpolation
 # =============================================================================================
-# (Equation numbers in this section are Song et al.'s; above them, Ho et al.'s. So is the notation, but
-# for one name: Song et al.'s α_t is Ho et al.'s ᾱ_t, the signal left after t steps. We write ᾱ_t throughout.)
+# (Equation numbers in this section are Song et al.'s unless another paper is named; above it, Ho et al.'s.
+# The notation is Ho et al.'s throughout, and differs in one name: Song et al.'s α_t is Ho et al.'s ᾱ_t,
+# the signal left after t steps. We write ᾱ_t.)
 # L_simple above trains ε_θ on q(x_t | x_0) alone. Any reverse process with those same marginals
-# can use it: DDIM's family (Eq. 12) has them for every σ, and for every sub-sequence τ of the
-# steps, so it can jump from τ_i straight to τ_{i−1}: S network calls instead of T.
+# can use it: DDIM's inference family q_σ (Eqs. 6-7; Lemma 1) has them for every σ, and for every
+# sub-sequence τ of the steps (Sec. 4.2), and Eq. 12 samples its reverse: it jumps from τ_i
+# straight to τ_{i−1}, S network calls instead of T.
 #
 # Steps are 0-based in code, as in ddpm.py: code step t is the paper's step t + 1, and
 # alpha_bar[t] holds ᾱ_{t+1}. The paper's ᾱ_0 = 1 (clean data, the level below the first step)
 # has no index: t_prev = −1 stands for it.
 def timestep_sequence(T: int, S: int, skip: str = "uniform") -> list:
     """τ: the S steps (0-based, strictly increasing, in 0..T−1) at which the sampler calls ε_θ. Sampling
-    starts at τ_S, from pure noise x ~ N(0, I), and the three choices differ in where that is:
+    starts at the last, τ_{S−1} (the paper's τ_S), from pure noise x ~ N(0, I); the three choices differ
+    in where that is:
 
     uniform:   τ_i = ⌊i·T/S⌋, i = 0..S−1: 0, T/S, 2T/S, …, T − T/S. The DDIM code's range(0, T, T // S)
                when S divides T. It starts short of the last step, at T − T/S, whose ᾱ is not quite 0.
@@ -447,11 +452,13 @@ def timestep_sequence(T: int, S: int, skip: str = "uniform") -> list:
 def sample(eps_model, shape, betas, steps=50, eta=0.0, skip="uniform", generator=None, x_T=None,
            clip_x0=False, device="cpu", on_step=None) -> torch.Tensor:
     """Generate images with DDIM's reverse process in S = `steps` network calls:
-    x_{τ_S} → x_{τ_{S−1}} → … → x_{τ_1} → x_0, each step by Eq. 12.
+    x_{τ_S} → x_{τ_{S−1}} → … → x_{τ_1} → x_0 in the paper's 1-based τ (tau[S−1], …, tau[0] in code),
+    each step by Eq. 12.
 
     eps_model(x_t, t) -> ε for t a LongTensor [B] of 0-based steps, as in ddpm.py; x_T: starting
     noise (drawn from `generator` if None); eta: 0 = deterministic, 1 = DDPM-like; skip: how τ is
-    chosen (see timestep_sequence); on_step(t, x_t, x0_pred), if given, is called at every step."""
+    chosen (see timestep_sequence); clip_x0: off by default here, as in the DDIM code (the script's
+    --clip-x0 is on, see the header); on_step(t, x_t, x0_pred), if given, is called at every step."""
     alpha_bar = torch.cumprod(1 - betas, 0).tolist()  # float64 arithmetic below, on Python floats
     tau = timestep_sequence(len(betas), steps, skip)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
@@ -506,20 +513,6 @@ def slerp(x0: torch.Tensor, x1: torch.Tensor, alpha: float) -> torch.Tensor:
     return (math.sin((1 - alpha) * theta) * x0 + math.sin(alpha * theta) * x1) / math.sin(theta)
 
 
-SAMPLER_FIELDS = ("sample_steps", "eta", "skip", "clip_x0", "class_cond", "guidance")  # what describes a sample in fid.csv
-
-
-def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
-    """This script's sampler with cfg's settings; it calls the network cfg.sample_steps times."""
-    check_sample_steps(cfg)
-    return sample(model, shape, make_betas(cfg.schedule, cfg.timesteps), cfg.sample_steps, cfg.eta, cfg.skip,
-                  generator, clip_x0=cfg.clip_x0, device=device, on_step=on_step)
-
-
-def network_calls(cfg: Config) -> int:
-    return cfg.sample_steps
-
-
 # >>> shared: generate
 def guided(model, y: torch.Tensor, w: float):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as an ε-model (x_t, t) -> ε, for any sampler:
@@ -565,6 +558,7 @@ def generate(model, cfg: Config, n: int, shape, device, generator, label: str = 
         for i in range(0, n, cfg.batch_size):
             b, calls = min(cfg.batch_size, n - i), 0
             eps_model = model if labels is None else guided(model, labels[i:i + b].to(device), cfg.guidance)
+            # sample_with: this script's sample() above with cfg's settings (it is just after the fence)
             images.append(sample_with(cfg, eps_model, (b, *shape), generator, device, on_step=tick).float())
     progress.update(n)
     return torch.cat(images)
@@ -572,7 +566,7 @@ def generate(model, cfg: Config, n: int, shape, device, generator, label: str = 
 
 
 # =============================================================================================
-# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is at the end of the file)
+# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is after the fence)
 # =============================================================================================
 # >>> shared: train
 def train(cfg: Config) -> None:
@@ -613,7 +607,7 @@ def train(cfg: Config) -> None:
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one fused call
             step += 1
 
-            # --- plumbing (class Run, at the end): the log, grids from fixed noise, checkpoints, Ctrl-C ---
+            # --- plumbing (class Run, after the fence): the log, grids from fixed noise, checkpoints, Ctrl-C ---
             run.log(step, loss=loss.detach(), lr=warmup.get_last_lr()[0])
             if run.due(step, cfg.sample_every):
                 run.save_grid(step, lambda: generate(ema, cfg, 64, data.shape[1:], device, run.fixed_noise(),
@@ -657,6 +651,20 @@ def main(cfg: Config) -> None:
 # by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
 # Ctrl-C), files, progress
 # =============================================================================================
+SAMPLER_FIELDS = ("sample_steps", "eta", "skip", "clip_x0", "class_cond", "guidance")  # what describes a sample in fid.csv
+
+
+def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
+    """This script's sampler with cfg's settings; it calls the network cfg.sample_steps times."""
+    check_sample_steps(cfg)  # S <= T, else one line
+    return sample(model, shape, make_betas(cfg.schedule, cfg.timesteps), cfg.sample_steps, cfg.eta, cfg.skip,
+                  generator, clip_x0=cfg.clip_x0, device=device, on_step=on_step)
+
+
+def network_calls(cfg: Config) -> int:
+    return cfg.sample_steps
+
+
 # >>> shared: sample_mode
 def load_for_sampling(cfg: Config):
     """The EMA network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""

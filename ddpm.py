@@ -71,7 +71,7 @@ class Config:
     image_size: int = 0  # 0: the dataset's own size; otherwise images are resized to this
     # --- diffusion ---
     schedule: str = "linear"  # noise schedule: linear (Ho et al.) | cosine (Nichol & Dhariwal)
-    timesteps: int = 1000  # T, the number of diffusion steps ("Generating Realistic Images using DDPM" used 300)
+    timesteps: int = 1000  # T, the number of diffusion steps (300 in the student project "Generating Realistic Images using DDPM": docs/compare.md)
     var: str = "beta"  # reverse-process variance σ_t²: beta (β_t, the paper's CIFAR-10 choice) | beta_tilde (β̃_t)
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling (the paper's code does)
     # --- model (0 or "": the size for this image size, see UNET_SIZES) ---
@@ -122,7 +122,7 @@ RANGES = {"image_size": ">=0", "timesteps": ">=1", "channels": ">=0", "num_res_b
           "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1", "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult",
                "num_res_blocks", "attn_res", "dropout", "class_cond", "num_classes")  # fixed by a checkpoint: taken from it
-# parse_args() (in the plumbing, at the end) makes every field above a flag (batch_size: --batch-size),
+# parse_args() (in the plumbing, after the fence) makes every field above a flag (batch_size: --batch-size),
 # with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
 
 
@@ -184,7 +184,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def zero(layer: nn.Module) -> nn.Module:
     """Start a layer at zero output, as the paper's code does for the last layer of each branch:
-    every residual block then begins as the identity and the network begins by predicting ε = 0."""
+    every residual block then begins as its skip path and the network begins by predicting ε = 0."""
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
@@ -432,19 +432,6 @@ def sample(eps_model, shape, betas, generator=None, x_T=None, var="beta", clip_x
         x = mean + sigma * torch.randn(x.shape, generator=generator, device=device)
 
 
-SAMPLER_FIELDS = ("timesteps", "var", "clip_x0", "class_cond", "guidance")  # what describes a sample in fid.csv
-
-
-def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
-    """This script's sampler with cfg's settings; it calls the network cfg.timesteps times."""
-    return sample(model, shape, make_betas(cfg.schedule, cfg.timesteps), generator, var=cfg.var,
-                  clip_x0=cfg.clip_x0, device=device, on_step=on_step)
-
-
-def network_calls(cfg: Config) -> int:
-    return cfg.timesteps
-
-
 # >>> shared: generate
 def guided(model, y: torch.Tensor, w: float):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as an ε-model (x_t, t) -> ε, for any sampler:
@@ -490,6 +477,7 @@ def generate(model, cfg: Config, n: int, shape, device, generator, label: str = 
         for i in range(0, n, cfg.batch_size):
             b, calls = min(cfg.batch_size, n - i), 0
             eps_model = model if labels is None else guided(model, labels[i:i + b].to(device), cfg.guidance)
+            # sample_with: this script's sample() above with cfg's settings (it is just after the fence)
             images.append(sample_with(cfg, eps_model, (b, *shape), generator, device, on_step=tick).float())
     progress.update(n)
     return torch.cat(images)
@@ -497,7 +485,7 @@ def generate(model, cfg: Config, n: int, shape, device, generator, label: str = 
 
 
 # =============================================================================================
-# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is at the end of the file)
+# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is after the fence)
 # =============================================================================================
 # >>> shared: train
 def train(cfg: Config) -> None:
@@ -538,7 +526,7 @@ def train(cfg: Config) -> None:
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one fused call
             step += 1
 
-            # --- plumbing (class Run, at the end): the log, grids from fixed noise, checkpoints, Ctrl-C ---
+            # --- plumbing (class Run, after the fence): the log, grids from fixed noise, checkpoints, Ctrl-C ---
             run.log(step, loss=loss.detach(), lr=warmup.get_last_lr()[0])
             if run.due(step, cfg.sample_every):
                 run.save_grid(step, lambda: generate(ema, cfg, 64, data.shape[1:], device, run.fixed_noise(),
@@ -552,7 +540,7 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# 7. Main: train, or generate from a checkpoint (sample_mode and the other commands: just after the fence)
 # =============================================================================================
 def main(cfg: Config) -> None:
     check_ranges(cfg)
@@ -576,6 +564,19 @@ def main(cfg: Config) -> None:
 # by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
 # Ctrl-C), files, progress
 # =============================================================================================
+SAMPLER_FIELDS = ("timesteps", "var", "clip_x0", "class_cond", "guidance")  # what describes a sample in fid.csv
+
+
+def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
+    """This script's sampler with cfg's settings; it calls the network cfg.timesteps times."""
+    return sample(model, shape, make_betas(cfg.schedule, cfg.timesteps), generator, var=cfg.var,
+                  clip_x0=cfg.clip_x0, device=device, on_step=on_step)
+
+
+def network_calls(cfg: Config) -> int:
+    return cfg.timesteps
+
+
 # >>> shared: sample_mode
 def load_for_sampling(cfg: Config):
     """The EMA network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""

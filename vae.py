@@ -11,8 +11,9 @@ The first term asks the code to keep what the decoder needs to redraw x; the sec
 image's codes to look like draws from the prior, so that decoding a fresh z ~ N(0, I) gives a new image.
 
 Commands
-  python vae.py                   # CIFAR-10, Bernoulli decoder, 40k steps (about the 100 epochs at batch 128
-                                  # of "Generating Realistic Images using DDPM"); a GPU job, not yet measured
+  python vae.py                   # CIFAR-10, Bernoulli decoder, 40k steps (about the 100 epochs at batch
+                                  # 128 of the student project "Generating Realistic Images using DDPM");
+                                  # a GPU job, not yet measured
   python vae.py --likelihood gaussian   # discretised Gaussian decoder, learned σ: −ELBO in nats of the
                                   # 8-bit image, comparable with other models' bits/dim
   python vae.py --sample --ckpt runs/vae-cifar10/ckpt.pt --num-samples 50000 \
@@ -110,7 +111,7 @@ RANGES = {"image_size": ">=0", "latent": ">=1", "channels": ">=1", "sigma": ">0"
           "num_samples": ">=1", "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "latent", "channels", "likelihood", "sigma",
                "learn_sigma")  # fixed by a checkpoint: taken from it
-# parse_args() (in the plumbing, at the end) makes every field above a flag (batch_size: --batch-size),
+# parse_args() (in the plumbing, after the fence) makes every field above a flag (batch_size: --batch-size),
 # with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
 
 
@@ -288,7 +289,8 @@ def evaluate(model: VAE, images: torch.Tensor, device, batch_size: int, seed: in
         progress.update(min(i + batch_size, len(images)))
     nll, kl = (sums / len(images)).tolist()
     dims = images[0].numel()  # C·H·W
-    # bits/dim = −ELBO / (C·H·W · ln 2): an upper bound on −log₂ p(x) per pixel (per sub-pixel for RGB)
+    # bits/dim = −ELBO / (C·H·W · ln 2): with --likelihood gaussian an upper bound on −log₂ p(x) per pixel
+    # (per sub-pixel for RGB); with bernoulli on grey levels a cross-entropy only, comparable with nothing
     return {"neg_elbo": nll + kl, "reconstruction": nll, "kl": kl, "bits_per_dim": (nll + kl) / (dims * math.log(2)),
             "images": len(images), "likelihood": model.likelihood}
 
@@ -341,32 +343,8 @@ def interpolate(model, cfg: Config, a: torch.Tensor, b: torch.Tensor, device, st
     return torch.cat([a[:, None].cpu(), middle, b[:, None].cpu()], 1).flatten(0, 1)  # (P·(steps+2), C, H, W)
 
 
-# >>> shared: above_below
-def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
-    """Interleave rows: 8 inputs, then their 8 outputs, then the next 8 inputs ... (for save_grid)."""
-    per_row = min(per_row, len(inputs))
-    rows = len(inputs) // per_row
-    pairs = torch.stack([inputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:]),
-                         outputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:])], 1)
-    return pairs.flatten(0, 2)  # (rows·2·per_row, C, H, W)
-# <<< shared: above_below
-
-
-def training_grids(model, cfg: Config, test: torch.Tensor, run_dir: str, device, generator) -> torch.Tensor:
-    """reconstructions.png and interpolation.png of the same test images every time (never trained on), and
-    the 64 prior samples of samples/step_N.png (returned: Run.save_grid writes them)."""
-    model.eval()
-    shown = test[:32]
-    save_grid(above_below(shown, reconstruct(model, cfg, shown, device)), os.path.join(run_dir, "reconstructions.png"))
-    pairs = test[:2 * min(8, len(test) // 2)]  # up to 8 pairs of test images
-    if len(pairs):
-        save_grid(interpolate(model, cfg, pairs[0::2], pairs[1::2], device), os.path.join(run_dir, "interpolation.png"),
-                  nrow=10)
-    return generate(model, cfg, 64, test.shape[1:], device, generator, label="sample grid")
-
-
 # =============================================================================================
-# 6. Train: the ELBO step (Kingma & Welling's Algorithm 1); its plumbing, class Run, is at the end
+# 6. Train: the ELBO step (Kingma & Welling's Algorithm 1); its plumbing, class Run, is after the fence
 # =============================================================================================
 def train(cfg: Config) -> None:
     """Algorithm 1 (AEVB) with Adam: repeat { x ~ data, ε ~ N(0, I); one gradient step on
@@ -400,32 +378,21 @@ def train(cfg: Config) -> None:
             optimizer.step()
             step += 1
 
-            # --- plumbing (class Run, at the end): the log, grids from fixed z, checkpoints, Ctrl-C ---
+            # --- plumbing (class Run, after the fence): the log, grids from fixed z, checkpoints, Ctrl-C ---
             sigma = {"sigma": model.log_sigma.detach().exp()} if cfg.likelihood == "gaussian" else {}
             run.log(step, loss=loss.detach(), reconstruction=nll.mean(), kl=kl.mean(), **sigma, lr=cfg.lr)
             if run.due(step, cfg.sample_every):
                 run.save_grid(step, lambda: training_grids(model, cfg, test, run.dir, device, run.fixed_noise()))
             if run.stopping(step) or run.due(step, cfg.ckpt_every):
                 run.save(step)  # after Ctrl-C or SIGTERM, this also ends the run (how to continue: --resume)
-        held_out_elbo(model, cfg, test, run.dir, device, step)
+        held_out_elbo(model, cfg, test, run.dir, device, step)  # evaluate() on the test set; test_elbo.json
         if cfg.fid:
             run_fid(cfg, generate(model, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(1), "--fid"),
                     run.dir, step)
 
 
-def held_out_elbo(model, cfg: Config, test: torch.Tensor, run_dir: str, device, step: int) -> None:
-    """The test −ELBO: how well the model explains images it never saw, in nats and bits/dim (test_elbo.json)."""
-    result = {"step": step, **evaluate(model, test, device, cfg.batch_size, cfg.seed)}
-    with open(os.path.join(run_dir, "test_elbo.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    kind = ("Bernoulli on grey levels: a cross-entropy, not a probability of 8-bit images, as pytorch/examples"
-            if cfg.likelihood == "bernoulli" else "discretised Gaussian: an upper bound on −log p of the 8-bit image")
-    print(f"test −ELBO {result['neg_elbo']:.2f} nats/image (reconstruction {result['reconstruction']:.2f} + "
-          f"KL {result['kl']:.2f}) = {result['bits_per_dim']:.4f} bits/dim on {len(test)} test images ({kind})")
-
-
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# 7. Main: train, or generate from a checkpoint (sample_mode and the other commands: just after the fence)
 # =============================================================================================
 def main(cfg: Config) -> None:
     check_ranges(cfg)
@@ -445,6 +412,41 @@ def main(cfg: Config) -> None:
 # by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
 # Ctrl-C), files, progress
 # =============================================================================================
+# >>> shared: above_below
+def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
+    """Interleave rows: 8 inputs, then their 8 outputs, then the next 8 inputs ... (for save_grid)."""
+    per_row = min(per_row, len(inputs))
+    rows = len(inputs) // per_row
+    pairs = torch.stack([inputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:]),
+                         outputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:])], 1)
+    return pairs.flatten(0, 2)  # (rows·2·per_row, C, H, W)
+# <<< shared: above_below
+
+
+def training_grids(model, cfg: Config, test: torch.Tensor, run_dir: str, device, generator) -> torch.Tensor:
+    """reconstructions.png and interpolation.png of the same test images every time (never trained on), and
+    the 64 prior samples of samples/step_N.png (returned: Run.save_grid writes them)."""
+    model.eval()
+    shown = test[:32]
+    save_grid(above_below(shown, reconstruct(model, cfg, shown, device)), os.path.join(run_dir, "reconstructions.png"))
+    pairs = test[:2 * min(8, len(test) // 2)]  # up to 8 pairs of test images
+    if len(pairs):
+        save_grid(interpolate(model, cfg, pairs[0::2], pairs[1::2], device), os.path.join(run_dir, "interpolation.png"),
+                  nrow=10)
+    return generate(model, cfg, 64, test.shape[1:], device, generator, label="sample grid")
+
+
+def held_out_elbo(model, cfg: Config, test: torch.Tensor, run_dir: str, device, step: int) -> None:
+    """The test −ELBO: how well the model explains images it never saw, in nats and bits/dim (test_elbo.json)."""
+    result = {"step": step, **evaluate(model, test, device, cfg.batch_size, cfg.seed)}
+    with open(os.path.join(run_dir, "test_elbo.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    kind = ("Bernoulli on grey levels: a cross-entropy, not a probability of 8-bit images, as pytorch/examples"
+            if cfg.likelihood == "bernoulli" else "discretised Gaussian: an upper bound on −log p of the 8-bit image")
+    print(f"test −ELBO {result['neg_elbo']:.2f} nats/image (reconstruction {result['reconstruction']:.2f} + "
+          f"KL {result['kl']:.2f}) = {result['bits_per_dim']:.4f} bits/dim on {len(test)} test images ({kind})")
+
+
 def load_for_sampling(cfg: Config):
     """The network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
     state = load_checkpoint(cfg.ckpt, needs=("model", "config", "step"))

@@ -63,7 +63,8 @@ Where the authors' code departs from the paper, and what we do
     in docs/vaegan.md).
   - Adam (2e-4, β₁ = 0.5, as dcgan.py) for all three nets, not RMSProp with a decaying rate. With Adam
     the decoder's step depends only on the ratio γ / --adv-weight (Adam is blind to a loss's scale);
-    both flags stay, so that each reads as in the paper and in "Generating Realistic Images using DDPM".
+    both flags stay, so that each reads as in the paper and in the student project "Generating
+    Realistic Images using DDPM", whose comparison docs/compare.md reproduces.
   - Batches are drawn uniformly with replacement instead of in shuffled epochs, as in ddpm.py.
 """
 import argparse
@@ -137,7 +138,7 @@ RANGES = {"image_size": ">=0", "latent": ">=1", "channels": ">=1", "d_channels":
           "adv_weight": ">=0", "steps": ">=1", "batch_size": ">=1", "lr": ">0", "beta1": "[0,1)", "log_every": ">=1",
           "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1", "fid": ">=0"}
 ARCH_FIELDS = ("dataset", "image_size", "latent", "channels", "d_channels", "d_dense", "arch")  # fixed by a checkpoint: taken from it
-# parse_args() (in the plumbing, at the end) makes every field above a flag (batch_size: --batch-size),
+# parse_args() (in the plumbing, after the fence) makes every field above a flag (batch_size: --batch-size),
 # with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
 BEFORE = {"arch": "v1"}  # what a checkpoint written before a field existed means by it
 
@@ -401,27 +402,8 @@ def reconstruct(model, cfg: Config, images: torch.Tensor, device, label: str = "
         return in_batches(lambda x: model.decoder(model.encoder(x.to(device))[0]), images, cfg, label)
 
 
-# >>> shared: above_below
-def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
-    """Interleave rows: 8 inputs, then their 8 outputs, then the next 8 inputs ... (for save_grid)."""
-    per_row = min(per_row, len(inputs))
-    rows = len(inputs) // per_row
-    pairs = torch.stack([inputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:]),
-                         outputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:])], 1)
-    return pairs.flatten(0, 2)  # (rows·2·per_row, C, H, W)
-# <<< shared: above_below
-
-
-def training_grids(model, cfg: Config, test: torch.Tensor, run_dir: str, device, generator) -> torch.Tensor:
-    """reconstructions.png of the same test images every time (never trained on), and the 64 prior samples
-    of samples/step_N.png (returned: Run.save_grid writes them)."""
-    shown = test[:32]
-    save_grid(above_below(shown, reconstruct(model, cfg, shown, device)), os.path.join(run_dir, "reconstructions.png"))
-    return generate(model, cfg, 64, test.shape[1:], device, generator, label="sample grid")
-
-
 # =============================================================================================
-# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is at the end of the file)
+# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is after the fence)
 # =============================================================================================
 COLUMNS = ("prior", "llike", "gan_decoder", "gan_discriminator")  # the losses in metrics.csv, then D(x), D(x̃), D(x_p)
 
@@ -462,7 +444,7 @@ def train(cfg: Config) -> None:
             optimizer.step()
             step += 1
 
-            # --- plumbing (class Run, at the end): the log, grids from fixed z, checkpoints, Ctrl-C ---
+            # --- plumbing (class Run, after the fence): the log, grids from fixed z, checkpoints, Ctrl-C ---
             d_real, d_recon, d_prior = losses["probabilities"]  # D(x), D(x̃), D(x_p): is the game on?
             run.log(step, **{c: losses[c].detach() for c in COLUMNS}, d_real=d_real, d_recon=d_recon, d_prior=d_prior)
             if run.due(step, cfg.sample_every):
@@ -475,7 +457,7 @@ def train(cfg: Config) -> None:
 
 
 # =============================================================================================
-# 7. Main: train, or generate from a checkpoint (sample_mode: the first function after the fence)
+# 7. Main: train, or generate from a checkpoint (sample_mode and the other commands: just after the fence)
 # =============================================================================================
 def main(cfg: Config) -> None:
     check_ranges(cfg)
@@ -495,6 +477,25 @@ def main(cfg: Config) -> None:
 # by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
 # Ctrl-C), files, progress
 # =============================================================================================
+# >>> shared: above_below
+def above_below(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
+    """Interleave rows: 8 inputs, then their 8 outputs, then the next 8 inputs ... (for save_grid)."""
+    per_row = min(per_row, len(inputs))
+    rows = len(inputs) // per_row
+    pairs = torch.stack([inputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:]),
+                         outputs[:rows * per_row].view(rows, per_row, *inputs.shape[1:])], 1)
+    return pairs.flatten(0, 2)  # (rows·2·per_row, C, H, W)
+# <<< shared: above_below
+
+
+def training_grids(model, cfg: Config, test: torch.Tensor, run_dir: str, device, generator) -> torch.Tensor:
+    """reconstructions.png of the same test images every time (never trained on), and the 64 prior samples
+    of samples/step_N.png (returned: Run.save_grid writes them)."""
+    shown = test[:32]
+    save_grid(above_below(shown, reconstruct(model, cfg, shown, device)), os.path.join(run_dir, "reconstructions.png"))
+    return generate(model, cfg, 64, test.shape[1:], device, generator, label="sample grid")
+
+
 def load_for_sampling(cfg: Config):
     """The networks of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
     state = load_checkpoint(cfg.ckpt, needs=("model", "config", "step"))
