@@ -84,7 +84,7 @@ def test_plot_metrics_draws_the_named_columns_and_names_a_missing_one(tmp_path):
     out = tmp_path / "d.png"
     r = run_script("benchmarks/plot_metrics.py", str(tmp_path), "d_real", "d_fake", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    colors = set(Image.open(out).convert("RGB").getdata())
+    colors = set(map(tuple, np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).tolist()))
     assert {(31, 119, 180), (214, 39, 40)} <= colors  # the first two series' colours (compare.COLORS)
     r = run_script("benchmarks/plot_metrics.py", str(tmp_path), "d_recon")
     assert r.returncode != 0 and "no column d_recon" in r.stderr and "d_real" in r.stderr
