@@ -58,9 +58,9 @@ Where the authors' code departs from the paper, and what we do
   - σ of L_llike (--feature-sigma): Sec. 2.3 models Dis_l(x) as a Gaussian around Dis_l(x̃) with unit
     variance; the authors' code keeps σ as a parameter (1 by default), and so do we (default 1). σ sets
     the encoder's balance of L_prior against L_llike (and, with γ, the decoder's weight on L_llike), and
-    features read before BatchNorm have no scale of their own (BatchNorm divides it out of D's loss). On MNIST at σ = 1 the encoder put ≈ 80 nats into z,
-    so prior draws fell far from the codes the decoder learnt on; the MNIST recipe uses σ = 5 (measured
-    in docs/vaegan.md).
+    features read before BatchNorm have no scale of their own (BatchNorm divides it out of D's loss).
+    On MNIST at σ = 1 the encoder put ≈ 80 nats into z, so prior draws fell far from the codes the
+    decoder learnt on; the MNIST recipe uses σ = 5 (measured in docs/vaegan.md).
   - Adam (2e-4, β₁ = 0.5, as dcgan.py) for all three nets, not RMSProp with a decaying rate. With Adam
     the decoder's step depends only on the ratio γ / --adv-weight (Adam is blind to a loss's scale);
     both flags stay, so that each reads as in the paper and in the student project "Generating

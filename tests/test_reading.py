@@ -73,3 +73,29 @@ def test_help_shows_every_flags_default_and_a_sentence(script, capsys):
         assert f"(default: {field.default!r})" in help_text, f"{script}: {flag} shows no default: {help_text}"
         sentence = re.sub(r"^([A-Z_]+|\{[^}]*\}) ", "", help_text.split("(default:")[0])  # less the metavar
         assert "see README" not in sentence and len(sentence.split()) >= 2, f"{script}: {flag}: no sentence"
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_readme_and_docs_reaches_a_file_and_heading():
+    pages = ["README.md"] + [os.path.join("docs", p) for p in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                             if p.endswith(".md")]
+    broken = []
+    for page in pages:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)|src=\"([^\"]+)\"", text):
+            target = target[0] or target[1]
+            if re.match(r"[a-z]+:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+            if not os.path.exists(file):
+                broken.append(f"{page}: {target} (no such file)")
+            elif anchor and file.endswith(".md"):
+                headings = re.findall(r"^#+ (.*)$", open(file, encoding="utf-8").read(), re.M)
+                if anchor not in {github_anchor(h) for h in headings}:
+                    broken.append(f"{page}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
