@@ -411,8 +411,8 @@ def lr_factor(cfg: Config, s: int) -> float:
 # 5. Sampler: DDIM's generalised reverse process (Song et al., Eq. 12), inversion, interpolation
 # =============================================================================================
 # (Equation numbers in this section are Song et al.'s unless another paper is named; above it, Ho et al.'s.
-# The notation is Ho et al.'s throughout, and differs in one name: Song et al.'s α_t is Ho et al.'s ᾱ_t,
-# the signal left after t steps. We write ᾱ_t.)
+# The notation is Ho et al.'s, which differs from Song et al.'s in one name: their α_t is Ho et al.'s
+# ᾱ_t, the signal left after t steps. We write ᾱ_t.)
 # L_simple above trains ε_θ on q(x_t | x_0) alone. Any reverse process with those same marginals
 # can use it: DDIM's inference family q_σ (Eqs. 6-7; Lemma 1) has them for every σ, and for every
 # sub-sequence τ of the steps (Sec. 4.2), and Eq. 12 samples its reverse: it jumps from τ_i
