@@ -459,6 +459,7 @@ def train(cfg: Config) -> None:
 # =============================================================================================
 # 7. Main: train, or generate from a checkpoint (sample_mode and the other commands: just after the fence)
 # =============================================================================================
+# >>> shared: vae_main
 def main(cfg: Config) -> None:
     check_ranges(cfg)
     if cfg.sample and not cfg.ckpt:
@@ -469,6 +470,7 @@ def main(cfg: Config) -> None:
         sample_mode(cfg)
     else:
         train(cfg)
+# <<< shared: vae_main
 
 
 # =============================================================================================
