@@ -1,52 +1,38 @@
 """ddpm.py: Denoising Diffusion Probabilistic Models in one file.
 
-Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", https://arxiv.org/abs/2006.11239
-with the cosine noise schedule of Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672
+Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", https://arxiv.org/abs/2006.11239,
+with the cosine schedule of Nichol & Dhariwal 2021 (https://arxiv.org/abs/2102.09672) and the
+classifier-free guidance of Ho & Salimans 2022 (https://arxiv.org/abs/2207.12598).
 
-A diffusion model destroys an image with Gaussian noise over T small steps (the forward
-process, fixed) and learns to undo one step at a time (the reverse process, learned). The
-network only ever answers one question: "which noise ε was added to this image x_t at step t?"
+A diffusion model destroys an image with Gaussian noise over T small steps (the forward process,
+fixed) and learns to undo one step at a time (the reverse process, learned). The network only ever
+answers one question: "which noise ε was added to this image x_t at step t?"
 
-Commands
-  python ddpm.py --schedule cosine          # CIFAR-10, the paper's 35.7M U-Net, 800k steps: a GPU job
-                                            # (paper, linear schedule: FID 3.17 after 10.6 h on a TPU v3-8)
-  torchrun --nproc_per_node=8 ddpm.py --schedule cosine   # the same run on 8 GPUs of one machine
-  python ddpm.py --sample --ckpt runs/ddpm-cifar10/ckpt.pt --num-samples 50000 \
-      --fid 50000 --fid-weights pt_inception-2015-12-05-6726825d.pth   # FID comparable with papers
-  python ddpm.py --dataset mnist --schedule cosine --timesteps 100 --channels 32 --channel-mult 1,2,2 \
-      --num-res-blocks 1 --attn-res 7 --dropout 0 --batch-size 64 --lr 1e-3 --warmup 100 --lr-decay cosine \
-      --steps 1300 --sample-every 650 --ckpt-every 650 --device cpu
-        # the 15-minute CPU recipe; add --class-cond for "draw me a 7" (README.md: the 5-minute one,
-        # times on 2 cores, the sampling command and the MNIST score)
-  python ddpm.py --visualize --ckpt RUN/ckpt.pt   # forward and reverse process as PNG strips
+    python ddpm.py --schedule cosine     # CIFAR-10, the paper's 35.7M U-Net for 800k steps: a GPU job
+    python ddpm.py --recipe mnist-5min   # MNIST digits in about 5 minutes on 2 CPU cores
+    python ddpm.py --sample --ckpt runs/ddpm-mnist-5min/ckpt.pt   # 64 PNGs from a trained model
+Times, scores and more commands (torchrun, --visualize, FID): README.md and docs/ddpm.md.
 
-Sections
-  1. Config   2. Data   3. Model (U-Net)   4. Objective (schedules, q(x_t|x_0), Algorithm 1's loss)
-  5. Sampler (Algorithm 2)   6. Train (Algorithm 1)   7. Main
-  then, behind a fence, the plumbing a first reading skips: --sample and --visualize, the flags,
-  dataset files, the run (processes, resume, checkpoints, log), files and progress lines
+Sections: 1. Config  2. Data  3. Model (U-Net)  4. Objective (schedules, q(x_t|x_0), the loss)
+          5. Sampler (Algorithm 2, guidance)  6. Train (Algorithm 1, then the plumbing it calls)  7. Main
 
 Where we depart from the paper (and why)
-  - For T != 1000 the linear schedule's endpoints are scaled by 1000/T (as in Nichol &
-    Dhariwal's code), so ᾱ_T stays ≈ 4e-5. Unscaled, T = 300 would end at ᾱ_T ≈ 0.05: the
-    sampler would start from pure noise that the network never saw in training.
-  - The EMA decay warms up as min(decay, (1 + step)/(10 + step)), as most diffusion codebases do,
-    so short runs (the CPU recipe) sample from averaged weights rather than from the random init;
-    from step ~10^5 on it is the paper's plain 0.9999.
-  - Batches are drawn uniformly with replacement instead of in shuffled epochs (the same in
-    expectation, one line of code, and identical on every device and process count).
+  - For T != 1000 the linear schedule's ends scale by 1000/T (as in Nichol & Dhariwal's code), so that
+    ᾱ_T stays 2-4e-5 for T >= 100: sampling starts from pure noise, as training ended.
+  - The EMA decay warms up as min(decay, (1 + step)/(10 + step)), as most diffusion code does: short CPU
+    runs sample from averaged weights, not from the random init. From step ~10^5 on it is 0.9999.
+  - Batches are drawn with replacement instead of in shuffled epochs: the same in expectation, one line
+    of code, and the same numbers on any number of GPUs.
 """
 import argparse
 import copy
 import csv
 import dataclasses
-import errno
 import inspect
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -55,122 +41,196 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from torchvision.utils import save_image
 
 PROG = os.path.splitext(os.path.basename(__file__))[0]  # "ddpm": names runs and error messages
-READS = ("ddpm", "ddim")  # the scripts whose checkpoints this one can load (the same format)
+READS = ("ddpm", "ddim")  # the scripts whose checkpoints this one reads (one format)
 
 
-# =============================================================================================
-# 1. Config
-# =============================================================================================
+# 1. Config: every field is a flag (batch_size: --batch-size), its comment the --help text ==========
 @dataclasses.dataclass
 class Config:
     # --- data ---
-    dataset: str = "cifar10"  # cifar10 | mnist | fashion-mnist | a folder of images | a .npy file
-    data_root: str = "data"  # where torchvision datasets are (or will be downloaded)
-    image_size: int = 0  # 0: the dataset's own size; otherwise images are resized to this
+    dataset: str = "cifar10"  # cifar10 | mnist | fashion-mnist | a folder of images | a .npy of images
+    data_root: str = "data"  # where torchvision keeps its datasets (downloaded there if missing)
+    labels: str = ""  # with a .npy --dataset: its labels, a .npy of integers (N,) or one-hot rows (N, K)
+    image_size: int = 0  # resize the images to this (0: the dataset's own size)
     # --- diffusion ---
     schedule: str = "linear"  # noise schedule: linear (Ho et al.) | cosine (Nichol & Dhariwal)
-    timesteps: int = 1000  # T, the number of diffusion steps (300 in the student project "Generating Realistic Images using DDPM": docs/compare.md)
-    var: str = "beta"  # reverse-process variance σ_t²: beta (β_t, the paper's CIFAR-10 choice) | beta_tilde (β̃_t)
-    clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling (the paper's code does)
-    # --- model (0 or "": the size for this image size, see UNET_SIZES) ---
-    channels: int = 0  # base channel count of the U-Net (0: 128 at 32 px, as in the paper; 64 at 28 and 16 px)
-    channel_mult: str = ""  # channel multiplier per resolution level, e.g. 1,2,2,2 ("": the paper's at 32 px; 1,2,2 below)
-    num_res_blocks: int = 2  # residual blocks per level on the way down (paper: 2)
-    attn_res: str = ""  # resolutions with self-attention, e.g. 16 or 14,7 ("": half the image size; "none")
-    dropout: float = 0.1  # dropout inside residual blocks (paper: 0.1 on CIFAR-10)
-    # --- class-conditional model, classifier-free guidance (Ho & Salimans 2022) ---
-    class_cond: bool = False  # condition ε_θ on the class label (the dataset's, or --labels): "draw me a 7"
-    num_classes: int = 0  # with --class-cond: how many classes (0: max label + 1)
-    labels: str = ""  # with a .npy --dataset: a .npy of integer labels (N,) or one-hot rows (N, K)
-    p_uncond: float = 0.1  # with --class-cond: probability of training on the null label ∅ instead (paper: 0.1-0.2)
-    guidance: float = 0.5  # w for a class-conditional model: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: none (why 0.5: docs/ddpm.md)
-    label: int = -1  # with --sample or --visualize on a class-conditional model: only this class (-1: every class in turn)
+    timesteps: int = 1000  # T, the number of diffusion steps (paper: 1000)
+    var: str = "beta"  # sampling variance σ_t²: beta (β_t, the paper's CIFAR-10 choice) | beta_tilde (β̃_t)
+    clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling (as the paper's code does)
+    # --- model (0 or "": the size for the image size, from UNET_SIZES) ---
+    channels: int = 0  # base width of the U-Net, even (0: 128 at 32 px, as in the paper; 64 below)
+    channel_mult: str = ""  # width multiplier per resolution ("": 1,2,2,2 at 32 px, as in the paper; 1,2,2 below)
+    num_res_blocks: int = 2  # residual blocks per resolution (paper: 2)
+    attn_res: str = ""  # resolutions with self-attention, e.g. 16 or 14,7 ("": half the image size; none)
+    dropout: float = 0.1  # dropout in the residual blocks (paper: 0.1 on CIFAR-10)
+    # --- class-conditional model and classifier-free guidance (Ho & Salimans 2022) ---
+    class_cond: bool = False  # condition ε_θ on the image's class: "draw me a 7"
+    num_classes: int = 0  # with --class-cond: the number of classes (0: the largest label + 1)
+    p_uncond: float = 0.1  # with --class-cond: how often a label is replaced by the null label ∅ (paper: 0.1-0.2)
+    guidance: float = 0.5  # guidance weight w: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: none (why 0.5: docs/ddpm.md)
+    label: int = -1  # sampling a class-conditional model: only this class (-1: every class in turn)
     # --- optimisation ---
-    steps: int = 800_000  # training steps (paper: 800k on CIFAR-10)
+    steps: int = 800_000  # training steps (paper: 800k)
     batch_size: int = 128  # images per step, over all GPUs under torchrun (paper: 128); also the sampling batch
-    lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
+    lr: float = 2e-4  # Adam's learning rate (paper: 2e-4)
     warmup: int = 5000  # steps of linear learning-rate warm-up (paper: 5000)
-    lr_decay: str = "none"  # learning-rate decay: none (paper: constant) | cosine (to 0 by --steps; short runs)
-    grad_clip: float = 1.0  # clip the gradient norm to this (paper: 1.0)
-    ema_decay: float = 0.9999  # decay of the exponential moving average of the weights (paper: 0.9999)
+    lr_decay: str = "none"  # none (paper: constant) | cosine (to 0 at --steps, so a short run ends at rest)
+    grad_clip: float = 1.0  # clip the norm of the gradient to this (paper: 1)
+    ema_decay: float = 0.9999  # decay of the weights' exponential moving average (paper: 0.9999)
     # --- run ---
-    out: str = ""  # run directory ("": runs/ddpm-<dataset>; --sample: the checkpoint's folder, or its ddpm-samples/ for another script's)
+    recipe: str = ""  # a measured setting from RECIPES, e.g. mnist-5min (flags given as well win)
+    out: str = ""  # run folder ("": runs/ddpm-<recipe or dataset>; --sample: the checkpoint's folder)
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cuda | cpu | mps
-    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast only on GPUs and CPUs with AVX512-BF16/AMX)
-    compile: bool = False  # torch.compile the network for training (the saved weights are not compiled)
+    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | fp32 | bf16 (fast on CPUs with AVX512-BF16 or AMX)
+    compile: bool = False  # torch.compile the network for training
     seed: int = 0  # random seed
-    log_every: int = 100  # steps between progress lines and rows of metrics.csv
-    sample_every: int = 10_000  # steps between sample grids (drawn from the same fixed noise)
-    ckpt_every: int = 5000  # steps between checkpoints (one is also written at the end, and on Ctrl-C)
-    resume: bool = False  # continue from the run's ckpt.pt (or --ckpt) at its saved step
-    ckpt: str = ""  # checkpoint to resume from, sample from or visualise
+    log_every: int = 100  # steps between log lines (and rows of metrics.csv)
+    sample_every: int = 10_000  # steps between sample grids, always from the same noise
+    ckpt_every: int = 5000  # steps between checkpoints (one is also written at the end and on Ctrl-C)
+    resume: bool = False  # continue training from --ckpt (default: the run folder's ckpt.pt)
+    ckpt: str = ""  # the checkpoint to resume, sample or visualise
     # --- generation ---
-    sample: bool = False  # only generate: --num-samples PNGs from --ckpt's EMA weights
-    num_samples: int = 64  # images written in --sample mode
-    fid: int = 0  # if > 0: generate this many images and print their FID against the training set (fid.py)
-    fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; or a file, e.g. pytorch-fid's for paper numbers)
-    visualize: bool = False  # write forward.png and reverse.png: the two processes, step by step
+    sample: bool = False  # do not train: write --num-samples PNGs from --ckpt's averaged (EMA) weights
+    num_samples: int = 64  # images that --sample writes
+    fid: int = 0  # after training or --sample: the FID of this many samples against the training set (fid.py)
+    fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; pytorch-fid's file for paper numbers)
+    visualize: bool = False  # write forward.png (and with --ckpt reverse.png, reverse.gif): the processes step by step
 
 
-CHOICES = {"schedule": ("linear", "cosine"), "lr_decay": ("none", "cosine"), "var": ("beta", "beta_tilde"),
-           "device": ("auto", "cuda", "cpu", "mps"), "precision": ("auto", "fp32", "bf16")}
-RANGES = {"image_size": ">=0", "timesteps": ">=1", "channels": ">=0", "num_res_blocks": ">=1", "dropout": "[0,1)",
-          "num_classes": ">=0", "p_uncond": "[0,1)", "guidance": ">=0", "label": ">=-1",
-          "steps": ">=1", "batch_size": ">=1", "lr": ">0", "warmup": ">=0", "grad_clip": ">0", "ema_decay": "[0,1)",
-          "log_every": ">=1", "sample_every": ">=1", "ckpt_every": ">=1", "num_samples": ">=1", "fid": ">=0"}
-ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult",
-               "num_res_blocks", "attn_res", "dropout", "class_cond", "num_classes")  # fixed by a checkpoint: taken from it
-# parse_args() (in the plumbing, after the fence) makes every field above a flag (batch_size: --batch-size),
-# with the comment beside it as its --help text and its default shown; CHOICES and RANGES hold the values.
+# What parse_args allows besides finite numbers >= 0: the choices of a text, and flags >= 1 or <= 1
+CHOICES = {"schedule": ["linear", "cosine"], "var": ["beta", "beta_tilde"], "lr_decay": ["none", "cosine"],
+           "device": ["auto", "cuda", "cpu", "mps"], "precision": ["auto", "fp32", "bf16"]}
+COUNTS = ("timesteps", "num_res_blocks", "steps", "batch_size", "log_every", "sample_every", "ckpt_every",
+          "num_samples")
+FRACTIONS = ("dropout", "p_uncond", "ema_decay")
+ARCH_FIELDS = ("dataset", "image_size", "schedule", "timesteps", "channels", "channel_mult", "num_res_blocks",
+               "attn_res", "dropout", "class_cond", "num_classes")  # what a checkpoint fixes: read from it
+
+# Measured recipes: --recipe NAME sets these flags (times, scores and how they were found: docs/ddpm.md).
+# Without a recipe, every default above is the paper's CIFAR-10 setting.
+SMALL_MNIST = dict(dataset="mnist", schedule="cosine", timesteps=100, channels=32, channel_mult="1,2,2",
+                   num_res_blocks=1, attn_res="7", dropout=0.0, lr_decay="cosine", device="cpu")
+RECIPES = {
+    "mnist-5min": dict(SMALL_MNIST, class_cond=True, batch_size=32, lr=2e-3, warmup=50, steps=850,
+                       sample_every=850, ckpt_every=850),
+    "mnist-15min": dict(SMALL_MNIST, class_cond=True, batch_size=64, lr=1e-3, warmup=100, steps=1300,
+                        sample_every=650, ckpt_every=650),
+    "mnist-2400": dict(SMALL_MNIST, attn_res="", batch_size=64, lr=1e-3, warmup=100, steps=2400,
+                       sample_every=400, ckpt_every=400, precision="bf16"),  # docs/compare.md's
+}
 
 
-# =============================================================================================
-# 2. Data
-# =============================================================================================
+# >>> shared: flags
+def parse_args(argv=None) -> Config:
+    """The flags as a Config: a --recipe replaces the defaults, and flags given as well win."""
+    helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: sys.exit(f"{PROG}: {message} (see --help)")  # one line, not the usage
+    for f in dataclasses.fields(Config):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type=f.type, choices=list(RECIPES) if f.name == "recipe" else CHOICES.get(f.name))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                            help=helps[f.name].replace("%", "%%") + f" (default: {f.default!r})", **kind)
+    parser.set_defaults(**RECIPES.get(parser.parse_args(argv).recipe, {}))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    for name, value in dataclasses.asdict(cfg).items():  # numbers: finite and >= 0 (--label: >= -1)
+        low, high = (1 if name in COUNTS else -1 if name == "label" else 0), (1 if name in FRACTIONS else math.inf)
+        if type(value) in (int, float) and not (math.isfinite(value) and low <= value <= high):
+            parser.error(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
+    return cfg
+# <<< shared: flags
+
+
+# 2. Data: the whole training set as one tensor in [-1, 1] ==========================================
 # >>> shared: data
-def get_data(cfg: Config):
-    """The whole training set as one float tensor (N, C, H, W) in [-1, 1], and its labels (N,) if it has
-    them (None if not). Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so we skip
-    the DataLoader: a batch is one indexing operation, on whatever device the tensor lives."""
-    # uint8 pixels (N, C, H, W) and integer labels (or None), read by the helpers in the plumbing part
-    if cfg.dataset in TORCHVISION_FILES:  # cifar10, mnist, fashion-mnist: downloaded by torchvision
+def get_data(cfg):
+    """The training set as one float tensor (N, C, H, W) in [-1, 1], and its labels (N,) or None.
+    Small image datasets fit in memory (CIFAR-10 is 0.6 GB as float32), so there is no DataLoader:
+    a batch is one indexing operation, on whatever device the tensor lives."""
+    if cfg.dataset in TORCHVISION:  # downloaded by torchvision
         images, labels = read_torchvision(cfg.dataset, cfg.data_root)
-    elif os.path.isdir(cfg.dataset):  # a folder of images (or one subfolder per class)
-        images, labels = read_folder(cfg.dataset, cfg.image_size)
-    elif cfg.dataset.endswith(".npy") and os.path.isfile(cfg.dataset):  # (N, H, W[, C]) pixels
-        images, labels = read_npy(cfg.dataset, getattr(cfg, "labels", ""))
+    elif os.path.isdir(cfg.dataset):  # a folder of images, or of class subfolders of images
+        images, labels = read_folder(cfg.dataset)
+    elif cfg.dataset.endswith(".npy") and os.path.isfile(cfg.dataset):
+        images, labels = read_npy(cfg.dataset), read_npy(cfg.labels, True) if getattr(cfg, "labels", "") else None
     else:
-        sys.exit(f"{PROG}: --dataset {cfg.dataset!r} is not cifar10, mnist, "
-                 f"fashion-mnist, an existing folder of images or an existing .npy file")
-    x = images.float() / 127.5 - 1  # uint8 [0, 255] -> float [-1, 1]   (N, C, H, W)
+        sys.exit(f"{PROG}: --dataset {cfg.dataset} is not {', '.join(TORCHVISION)}, a folder or a .npy file")
+    x = torch.as_tensor(images)  # uint8 (N, H, W) or (N, H, W, C)
+    x = (x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1]
+    if x.shape[1] not in (1, 3) or len(x) < 2 or labels is not None and len(labels) != len(x):
+        sys.exit(f"{PROG}: {cfg.dataset} must hold 2 or more grey or RGB images, (N, H, W) or (N, H, W, C), "
+                 f"and a label for each if it has labels; got images of shape {tuple(images.shape)}")
     if cfg.image_size and cfg.image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
-    return x.clamp(-1, 1).contiguous(), labels
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True).clamp(-1, 1)
+    return x.contiguous(), None if labels is None else torch.as_tensor(np.asarray(labels)).long()
+
+
+TORCHVISION = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def read_torchvision(name: str, root: str):
+    """A torchvision dataset's training split: uint8 pixels (N, H, W[, C]) and labels (N,)."""
+    try:
+        dataset = getattr(torchvision.datasets, TORCHVISION[name])(root, train=True, download=True)
+    except Exception as e:  # offline: say which files to put where
+        where = os.path.join(root, "" if name == "cifar10" else TORCHVISION[name] + "/raw")
+        files = "cifar-10-python.tar.gz" if name == "cifar10" else "train-images-idx3-ubyte and train-labels-idx1-ubyte"
+        sys.exit(f"{PROG}: cannot download {name} ({type(e).__name__}); put {files} in {where} and run again")
+    return np.asarray(dataset.data), np.asarray(dataset.targets)
+
+
+def read_folder(folder: str):
+    """The images of a folder, or of its subfolders, one per class (torchvision's ImageFolder layout: the
+    sorted subfolders are classes 0, 1, ...), as uint8 (N, H, W[, 3]), resized to the first one's width."""
+    from PIL import Image
+    files, labels = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGES)), None
+    if not files:
+        try:
+            files, labels = zip(*torchvision.datasets.ImageFolder(folder).samples)
+        except (FileNotFoundError, ValueError):
+            sys.exit(f"{PROG}: no images ({', '.join(IMAGES)}) in {folder}, nor in subfolders of it, one per class")
+    pictures = []
+    for path in files:
+        try:
+            with Image.open(path) as p:  # 16-bit grey ("I;16") is scaled to 8 bits, which convert() would clip
+                pictures.append(Image.fromarray((np.asarray(p) / 257).astype(np.uint8)) if p.mode.startswith("I")
+                                else p.convert("L" if p.mode in ("1", "L") else "RGB"))
+        except OSError as e:
+            sys.exit(f"{PROG}: cannot read image {path}: {e}")
+    mode, size = "L" if all(p.mode == "L" for p in pictures) else "RGB", pictures[0].width
+    return np.stack([np.asarray(p.convert(mode).resize((size, size), Image.BICUBIC)) for p in pictures]), labels
+
+
+def read_npy(path: str, labels: bool = False) -> np.ndarray:
+    """A .npy of images (N, H, W) or (N, H, W, C), uint8 pixels or floats in [0, 1]; or, for --labels, of
+    integer labels (N,) or one-hot rows (N, K), as the 16x16 Sprites set ships them."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        sys.exit(f"{PROG}: cannot read {path} as a numpy array: {e}")
+    if labels:
+        x = x.argmax(1) if x.ndim == 2 else x
+        if x.ndim != 1 or x.dtype.kind not in "iu" or x.min(initial=0) < 0:
+            sys.exit(f"{PROG}: --labels {path} must hold integers 0, 1, ... (N,) or one-hot rows (N, K)")
+        return x
+    if x.ndim not in (3, 4) or x.dtype != np.uint8 and not (x.dtype.kind == "f" and ((0 <= x) & (x <= 1)).all()):
+        sys.exit(f"{PROG}: {path} must hold images (N, H, W[, C]), uint8 or floats in [0, 1]; got {x.dtype} {x.shape}")
+    return x if x.dtype == np.uint8 else (x * 255).round().astype(np.uint8)
 # <<< shared: data
 
 
-# =============================================================================================
-# 3. Model: the DDPM U-Net (Ho et al., Appendix B; same layers as their TensorFlow code)
-# =============================================================================================
+# 3. Model: the DDPM U-Net (Ho et al., Appendix B; the same layers as their TensorFlow code) ========
 # >>> shared: unet
 UNET_SIZES = {  # image size -> (channels, channel_mult); other sizes use the CIFAR-10 network
     32: (128, "1,2,2,2"),  # CIFAR-10, the paper's network: 35.7M parameters
     28: (64, "1,2,2"),  # MNIST / Fashion-MNIST: 28 -> 14 -> 7, 6.5M parameters
     16: (64, "1,2,2"),  # 16x16 sprites: 16 -> 8 -> 4, 6.5M parameters
 }
-
-
-def int_list(text: str, flag: str) -> list:
-    """'1,2,2' -> [1, 2, 2], every entry a positive integer; else one line naming the flag."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        sys.exit(f"{PROG}: {flag} must be comma-separated positive integers such as 1,2,2, got {text!r}")
-    return values
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -191,7 +251,7 @@ def zero(layer: nn.Module) -> nn.Module:
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
-    # The paper's 32 groups; narrow layers keep ≥ 4 channels a group. One channel a group would be
+    # The paper's 32 groups; narrow layers keep >= 4 channels a group. One channel a group would be
     # instance norm, which erases each map's mean: small nets then miss the image's brightness.
     return nn.GroupNorm(math.gcd(ch, min(32, ch // 4)), ch)
 
@@ -244,22 +304,14 @@ class UNet(nn.Module):
     """ε_θ(x_t, t), or ε_θ(x_t, t, y) with num_classes: predicts the noise in x_t. Down path, middle,
     up path with skip connections."""
 
-    def __init__(self, image_channels=3, image_size=32, channels=0, channel_mult="", num_res_blocks=2,
-                 attn_res="", dropout=0.1, num_classes=0):
+    def __init__(self, image_channels=3, image_size=32, ch=128, mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn=(16,), dropout=0.1, num_classes=0):
         super().__init__()
-        default_ch, default_mult = UNET_SIZES.get(image_size, UNET_SIZES[32])
-        ch = channels or default_ch
-        mult = int_list(channel_mult or default_mult, "--channel-mult")
-        attn = [] if attn_res == "none" else int_list(attn_res, "--attn-res") if attn_res else [image_size // 2]
-        if image_size % 2 ** (len(mult) - 1):
-            sys.exit(f"{PROG}: image size {image_size} cannot be halved "
-                     f"{len(mult) - 1} times; use fewer entries in --channel-mult")
-        self.ch = ch
+        self.ch, self.num_classes = ch, num_classes
         # t -> sinusoidal embedding (ch) -> MLP -> (4·ch), fed to every residual block
         self.temb = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
         # class-conditional: one learned vector per label, added to the time embedding; row num_classes
         # is the null label ∅ ("no class"), which guidance needs (none of this exists without classes)
-        self.num_classes = num_classes
         self.label_emb = nn.Embedding(num_classes + 1, 4 * ch) if num_classes else None
         self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
         self.down, skip_chs, res, now = nn.ModuleList(), [ch], image_size, ch
@@ -279,8 +331,7 @@ class UNet(nn.Module):
                 self.up.append(Block(now + skip_chs.pop(), ch * m, 4 * ch, dropout, res in attn))
                 now = ch * m
             if level > 0:  # double the resolution: nearest-neighbour upsampling, then a convolution
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(now, now, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(now, now, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(group_norm(now), nn.SiLU(), zero(nn.Conv2d(now, image_channels, 3, padding=1)))
 
@@ -291,30 +342,37 @@ class UNet(nn.Module):
         h = self.conv_in(x)  # (B, ch, H, W)
         skips = [h]  # every output of the down path is kept for the up path
         for layer in self.down:
-            h = layer(h, temb) if isinstance(layer, Block) else layer(h)  # Block or downsampler
+            h = layer(h, temb) if isinstance(layer, Block) else layer(h)  # a Block or a downsampler
             skips.append(h)
         for layer in self.mid:
             h = layer(h, temb)  # (B, ch·mult[-1], H/2^(L−1), W/2^(L−1))
-        for layer in self.up:  # Block: concatenate the matching skip on channels; else upsampler
+        for layer in self.up:  # a Block takes the matching skip, concatenated on channels; or an upsampler
             h = layer(torch.cat([h, skips.pop()], dim=1), temb) if isinstance(layer, Block) else layer(h)
         return self.out(h)  # (B, C, H, W): the predicted noise ε
 
 
-def build_model(cfg: Config, image_channels: int) -> UNet:
-    return UNet(image_channels, cfg.image_size, cfg.channels, cfg.channel_mult, cfg.num_res_blocks,
-                cfg.attn_res, cfg.dropout, cfg.num_classes if cfg.class_cond else 0)
+def build_model(cfg, image_channels: int) -> UNet:
+    """The U-Net that cfg describes (0 or "": the size from UNET_SIZES); a flag that does not fit is one line."""
+    ch, mult = UNET_SIZES.get(cfg.image_size, UNET_SIZES[32])
+    ch, mult, attn = cfg.channels or ch, cfg.channel_mult or mult, cfg.attn_res or str(cfg.image_size // 2)
+    numbers = r"[1-9]\d*(,[1-9]\d*)*"  # such as 1,2,2
+    if ch < 4 or ch % 2 or not re.fullmatch(numbers, mult) or not re.fullmatch(numbers + "|none", attn) \
+            or cfg.image_size % 2 ** mult.count(","):
+        sys.exit(f"{PROG}: need --channels even and >= 4 (the time embedding is sines and cosines), --channel-mult "
+                 f"numbers that halve {cfg.image_size} px, --attn-res numbers or none; got {ch}, {mult}, {attn}")
+    mult, attn = [int(m) for m in mult.split(",")], [int(a) for a in attn.split(",") if a != "none"]
+    return UNet(image_channels, cfg.image_size, ch, mult, cfg.num_res_blocks, attn, cfg.dropout,
+                cfg.num_classes if cfg.class_cond else 0)
 # <<< shared: unet
 
 
-# =============================================================================================
-# 4. Objective: noise schedules, the forward process q(x_t | x_0), and Algorithm 1's loss
-# =============================================================================================
+# 4. Objective: noise schedules, the forward process q(x_t | x_0), Algorithm 1's loss ===============
 # >>> shared: diffusion
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     """β_1..β_T as a float64 tensor of shape [T] (index i holds β_{i+1}: steps are 0-based in code)."""
     if schedule == "linear":
-        # Ho et al.: β rises linearly from 1e-4 to 0.02 over T = 1000 steps; for other T the
-        # endpoints scale by 1000/T so that ᾱ_T, the signal left at the end, stays ≈ 4e-5
+        # Ho et al.: β rises linearly from 1e-4 to 0.02 over T = 1000 steps; for other T both ends
+        # scale by 1000/T, so that ᾱ_T, the signal left at the end, stays 2-4e-5 for T >= 100
         # (the top end 20/T would pass 1 for T < 20: the cap at 0.999, as for cosine, keeps β < 1).
         scale = 1000 / timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -356,19 +414,6 @@ def draw_batch(data: torch.Tensor, labels, cfg: Config, generator: torch.Generat
     return x0[rows], t[rows], eps[rows], y[rows]
 
 
-def check_labels(cfg: Config, labels):
-    """--class-cond: the dataset's labels (on the device of the images), with cfg.num_classes set; else None."""
-    if not cfg.class_cond:
-        return None
-    if labels is None:
-        sys.exit(f"{PROG}: --class-cond needs labels and {cfg.dataset} has none: a .npy dataset takes "
-                 "--labels FILE.npy, a folder one subfolder of images per class")
-    cfg.num_classes = cfg.num_classes or int(labels.max()) + 1
-    if labels.max() >= cfg.num_classes:
-        sys.exit(f"{PROG}: --num-classes {cfg.num_classes} is too few for labels up to {int(labels.max())}")
-    return labels
-
-
 def diffusion_loss(eps_model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
                    y=None) -> torch.Tensor:
     """Algorithm 1, line 5 (L_simple, Eq. 14): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², the batch mean
@@ -395,13 +440,10 @@ def q_posterior(x0, x_t, t: int, betas: torch.Tensor):
     # Eq. 7:  μ̃_t = √ᾱ_{t−1} β_t / (1−ᾱ_t) · x_0  +  √α_t (1−ᾱ_{t−1}) / (1−ᾱ_t) · x_t
     mean = math.sqrt(ab_prev) * beta_t / (1 - ab_t) * x0 + math.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t) * x_t
     # Eq. 7:  β̃_t = (1−ᾱ_{t−1}) / (1−ᾱ_t) · β_t
-    var = (1 - ab_prev) / (1 - ab_t) * beta_t
-    return mean, var
+    return mean, (1 - ab_prev) / (1 - ab_t) * beta_t
 
 
-# =============================================================================================
-# 5. Sampler: the reverse process (Ho et al., Algorithm 2, with the predicted x_0 clipped)
-# =============================================================================================
+# 5. Sampler: the reverse process (Ho et al., Algorithm 2, with the predicted x_0 clipped) ==========
 @torch.no_grad()
 def sample(eps_model, shape, betas, generator=None, x_T=None, var="beta", clip_x0=True,
            device="cpu", on_step=None) -> torch.Tensor:
@@ -432,6 +474,12 @@ def sample(eps_model, shape, betas, generator=None, x_T=None, var="beta", clip_x
         x = mean + sigma * torch.randn(x.shape, generator=generator, device=device)
 
 
+def sample_with(cfg: Config, eps_model, shape, generator, device, on_step=None) -> torch.Tensor:
+    """This script's sampler with cfg's settings: cfg.timesteps network calls per image."""
+    return sample(eps_model, shape, make_betas(cfg.schedule, cfg.timesteps), generator, None, cfg.var, cfg.clip_x0,
+                  device, on_step)
+
+
 # >>> shared: generate
 def guided(model, y: torch.Tensor, w: float):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as an ε-model (x_t, t) -> ε, for any sampler:
@@ -448,546 +496,149 @@ def guided(model, y: torch.Tensor, w: float):
     return eps_model
 
 
-def sample_labels(cfg: Config, n: int):
-    """The class of each of n images of a class-conditional model: --label, or every class in turn
-    (0, 1, …, K−1, 0, 1, …), so that n images hold each class equally; None for an unconditional one."""
+def sample_labels(cfg: Config, n: int, per_class: int = 1):
+    """The class of each of n images of a class-conditional model (None for an unconditional one):
+    --label, or every class in turn, per_class images each (0, 0, 1, 1, … for per_class = 2)."""
     if not cfg.class_cond:
         return None
-    return torch.full((n,), cfg.label) if cfg.label >= 0 else torch.arange(n) % cfg.num_classes
+    return torch.full((n,), cfg.label) if cfg.label >= 0 else torch.arange(n) // per_class % cfg.num_classes
 
 
-def grid_labels(cfg: Config):
-    """A sample grid of a class-conditional model: one row of 8 per class (64 of --label); else None (64 images)."""
-    if not cfg.class_cond:
-        return None
-    return torch.full((64,), cfg.label) if cfg.label >= 0 else torch.arange(cfg.num_classes).repeat_interleave(8)
-
-
-def generate(model, cfg: Config, n: int, shape, device, generator, label: str = "sampling", labels=None):
-    """n images from the sampler (len(labels) of the given classes, guided by --guidance, for a
-    class-conditional model), in batches of --batch-size, with a progress line: (n, C, H, W) in [-1, 1]."""
-    n = n if labels is None else len(labels)
-    progress, images, calls = Progress(f"{label} ({network_calls(cfg)} network calls per image)", n), [], 0
-
-    def tick(*_):  # on_step: one network call done, for the whole batch
-        nonlocal calls
-        calls += 1
-        progress.update(len(images) * cfg.batch_size + b * calls / network_calls(cfg))
+def generate(model, cfg: Config, n: int, shape, device, generator, labels=None, what="sampling") -> torch.Tensor:
+    """n images (n, C, H, W) in [-1, 1] from sample_with(), in batches of --batch-size, with a progress line
+    every 10 s. A class-conditional model draws the classes `labels` (one per image), guided by --guidance."""
+    n, images, start, shown = n if labels is None else len(labels), [], time.time(), time.time()
     with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
         for i in range(0, n, cfg.batch_size):
-            b, calls = min(cfg.batch_size, n - i), 0
-            eps_model = model if labels is None else guided(model, labels[i:i + b].to(device), cfg.guidance)
-            # sample_with: this script's sample() above with cfg's settings (it is just after the fence)
-            images.append(sample_with(cfg, eps_model, (b, *shape), generator, device, on_step=tick).float())
-    progress.update(n)
+            y = None if labels is None else labels[i:i + cfg.batch_size].to(device)  # this batch's classes
+            eps_model = model if y is None else guided(model, y, cfg.guidance)
+            images.append(sample_with(cfg, eps_model, (min(cfg.batch_size, n - i), *shape), generator, device).float())
+            done, now = i + len(images[-1]), time.time()
+            if now - shown > 10 or done == n and now - start > 10:  # a line for a wait of over 10 seconds
+                print(f"{what}: {done}/{n} images | {done / (now - start):.2f} img/s | "
+                      + (f"ETA {(n - done) / done * (now - start) / 60:.1f} min" if done < n else "done"), flush=True)
+                shown = now
     return torch.cat(images)
+
+
+def save_grid(ema, cfg: Config, shape, device, path: str) -> float:
+    """A sample grid: 64 images (8 of each class, for a class-conditional model) from the same noise every
+    time, so that the grids of a run show its progress. Returns the seconds it took (they are not training)."""
+    start = time.time()
+    images = generate(ema, cfg, 64, shape, device, torch.Generator(device).manual_seed(cfg.seed),
+                      sample_labels(cfg, 8 * cfg.num_classes, 8), f"grid {os.path.basename(path)}")
+    save_image(images * 0.5 + 0.5, path)  # [-1, 1] -> [0, 1]
+    return time.time() - start
 # <<< shared: generate
 
 
-# =============================================================================================
-# 6. Train: Algorithm 1 (the plumbing it calls, class Run, is after the fence)
-# =============================================================================================
+# 6. Train: Algorithm 1, then the plumbing it calls (processes, checkpoints, the log) ===============
 # >>> shared: train
 def train(cfg: Config) -> None:
     """Algorithm 1: repeat { x_0 ~ q(x_0), t ~ Uniform({1..T}), ε ~ N(0, I); take a gradient step on
     ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² }, keeping an average of the weights (EMA) for sampling."""
-    with Run(cfg, needs=("model", "ema", "optimizer", "warmup", "rng_batches")) as run:
-        cfg, device = run.cfg, run.device
-        data, labels = get_data(cfg)  # (N, C, H, W) in [-1, 1], and (N,) labels or None
-        labels = check_labels(cfg, labels)  # --class-cond: the labels, and cfg.num_classes set; else None
-        data, labels = data.to(device), None if labels is None else labels.to(device)  # resident on the device
-        cfg.image_size = data.shape[-1]
-        run.start(images=len(data), batch_per_process=cfg.batch_size // run.world)
+    # --- plumbing: processes (torchrun starts one per GPU), the run folder, --resume ---
+    rank, world, device = start_processes(cfg)  # plain python: rank 0 of 1
+    cfg, out, state = open_run(cfg, ("model", "ema", "optimizer", "rng_batches"))  # state: on --resume
+    data, labels = get_data(cfg)  # (N, C, H, W) in [-1, 1], and (N,) labels or None
+    cfg.num_classes, cfg.image_size = check_labels(labels, cfg) if cfg.class_cond else 0, data.shape[-1]
+    data, labels = data.to(device), labels.to(device) if cfg.class_cond else None  # resident on the device
 
-        # --- core: the network, its EMA copy, the optimiser, the noise schedule ---
-        model = build_model(cfg, data.shape[1]).to(device)
-        ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-        alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).float().to(device)  # ᾱ_t
-        batches = torch.Generator(device).manual_seed(cfg.seed)  # the same in every process: x_0, t and ε
-        step = run.restore(model=model, ema=ema, optimizer=optimizer, warmup=warmup, rng_batches=batches)
-        net = run.wrap(model)  # torchrun: DDP, which averages the gradients; --compile: compiled. Same weights.
-        run.describe(model, note=f"{cfg.schedule} schedule, T={cfg.timesteps}")
-        while step < cfg.steps:
-            # --- core: one step of Algorithm 1 ---
-            model.train()
-            x0, t, eps, y = draw_batch(data, labels, cfg, batches, run.rows)  # lines 2-4 (this process's share)
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
-                loss = diffusion_loss(net, x0, t, eps, alpha_bar, y)  # line 5: ‖ε − ε_θ(x_t, t)‖²
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under torchrun, DDP averages the gradients over the processes here
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            warmup.step()
-            # EMA:  θ_ema ← d · θ_ema + (1 − d) · θ,  d = min(decay, (1 + step)/(10 + step)): the warm-up
-            # keeps early averages from clinging to the random init (0.9999⁵⁰⁰⁰ = 0.6 would still be init)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one fused call
-            step += 1
+    # --- core: the network, its EMA copy, the optimiser, the noise schedule ---
+    torch.manual_seed(cfg.seed)  # the initial weights, then (process 0's) dropout masks
+    model = build_model(cfg, data.shape[1]).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses these averaged weights
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel for all weights
+    alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0).float().to(device)  # ᾱ_t
+    batches = torch.Generator(device).manual_seed(cfg.seed)  # draws x_0, t and ε: the same in every process
+    # --resume: the weights, the optimiser, the step and every random number generator, as they were
+    step = restore(state, model=model, ema=ema, optimizer=optimizer, rng_batches=batches) if state else 0
+    start_files(out, cfg, step) if rank == 0 else None  # OUT/config.json, OUT/samples/ (only process 0 writes)
+    torch.manual_seed(cfg.seed + rank + step) if rank else None  # torchrun: the other processes' dropout masks
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # DDP averages the gradients
+    net, bf16 = torch.compile(net) if cfg.compile else net, use_bf16(cfg, device)  # (all share model's weights)
+    say(rank, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(data)} images | "
+              f"{device} {'bf16' if bf16 else 'fp32'} | batch {cfg.batch_size} in {world} process(es) | {out}")
+    stop = catch_stop_signals()  # Ctrl-C and SIGTERM ask the loop to save and stop
+    run = dict(out=out, start=time.time(), last=time.time(), step=step, saved=state and step, resumed=state and step)
+    losses, stopping = [], False  # this log interval's losses, on the device: the loop never waits for the GPU
 
-            # --- plumbing (class Run, after the fence): the log, grids from fixed noise, checkpoints, Ctrl-C ---
-            run.log(step, loss=loss.detach(), lr=warmup.get_last_lr()[0])
-            if run.due(step, cfg.sample_every):
-                run.save_grid(step, lambda: generate(ema, cfg, 64, data.shape[1:], device, run.fixed_noise(),
-                                                     f"sample grid at step {step}", grid_labels(cfg)))
-            if run.stopping(step) or run.due(step, cfg.ckpt_every):
-                run.save(step)  # after Ctrl-C or SIGTERM, this also ends the run (how to continue: --resume)
-        if cfg.fid and run.rank == 0:
-            run_fid(cfg, generate(ema, cfg, cfg.fid, data.shape[1:], device, run.fixed_noise(1), "--fid",
-                                  sample_labels(cfg, cfg.fid)), run.dir, step)
+    while step < cfg.steps and not stopping:
+        # --- core: one step of Algorithm 1 (the model is in training mode throughout; sampling uses the EMA copy) ---
+        x0, t, eps, y = draw_batch(data, labels, cfg, batches, slice(rank, None, world))  # lines 2-4, our rows
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = diffusion_loss(net, x0, t, eps, alpha_bar, y)  # line 5: ‖ε − ε_θ(x_t, t)‖²
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step)  # warm-up (and --lr-decay)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under torchrun, DDP averages the gradients over the processes here
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        # EMA: θ_ema ← d·θ_ema + (1 − d)·θ, d = min(decay, (1 + step)/(10 + step)): early averages forget the init
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # one fused call
+        step += 1
+
+        # --- plumbing: the log, sample grids from fixed noise, checkpoints, a clean stop on Ctrl-C ---
+        losses.append(loss.detach())
+        stopping = world == 1 and "by" in stop  # (under torchrun, the processes agree at log steps)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean, stopping = agree(world, torch.stack(losses).mean(), stop)  # the mean over processes
+            log_line(run, step, cfg, loss=mean, lr=optimizer.param_groups[0]["lr"]) if rank == 0 else None
+            losses.clear()
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+            run["last"] += save_grid(ema, cfg, data.shape[1:], device, f"{out}/samples/step_{step:07d}.png")
+        if rank == 0 and (stopping or step % cfg.ckpt_every == 0 or step == cfg.steps):
+            save_checkpoint(run, step, dict(model=model.state_dict(), ema=ema.state_dict(), step=step,
+                                            optimizer=optimizer.state_dict(), rng_batches=batches.get_state(),
+                                            config=dataclasses.asdict(cfg), script=PROG), device)
+    stop_processes(world)  # torchrun: every process waits until process 0 has written the last files
+    finish(stop, step, out) if rank == 0 else None
 # <<< shared: train
 
 
-# =============================================================================================
-# 7. Main: train, or generate from a checkpoint (sample_mode and the other commands: just after the fence)
-# =============================================================================================
-def main(cfg: Config) -> None:
-    check_ranges(cfg)
-    if cfg.channel_mult:
-        int_list(cfg.channel_mult, "--channel-mult")
-    if cfg.attn_res not in ("", "none"):
-        int_list(cfg.attn_res, "--attn-res")
-    if cfg.sample and not cfg.ckpt:
-        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
-    if cfg.visualize:
-        visualize(cfg)
-    elif cfg.sample:
-        sample_mode(cfg)
-    else:
-        train(cfg)
+def check_labels(labels, cfg: Config) -> int:
+    """--class-cond: the number of classes (--num-classes, or the largest label + 1); no labels: one line."""
+    if labels is None:
+        sys.exit(f"{PROG}: --class-cond needs labels: a .npy takes --labels FILE.npy, a folder a subfolder per class")
+    if cfg.num_classes and labels.max() >= cfg.num_classes:
+        sys.exit(f"{PROG}: --num-classes {cfg.num_classes} is too few for labels up to {int(labels.max())}")
+    return cfg.num_classes or int(labels.max()) + 1
 
 
-# =============================================================================================
-# Plumbing (a first reading stops at main(), above). First what main() runs besides training: --sample
-# (PNGs, a grid, the speed, FID) and the other commands that write files around the sampler; then, shared
-# by every script, the flags, reading datasets from disk, the run (processes, resume, log, checkpoints,
-# Ctrl-C), files, progress
-# =============================================================================================
-SAMPLER_FIELDS = ("timesteps", "var", "clip_x0", "class_cond", "guidance")  # what describes a sample in fid.csv
+# >>> shared: torchrun
+def start_processes(cfg: Config):
+    """(rank, world, device). torchrun starts one process per GPU and sets RANK (which one), WORLD_SIZE (how
+    many) and LOCAL_RANK (which GPU of this machine); under plain python there is one process, rank 0 of 1."""
+    rank, world, device = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), pick_device(cfg.device)
+    if cfg.batch_size % world:  # --batch-size is the global batch: a run is the same on 1 or 8 GPUs
+        sys.exit(f"{PROG}: --batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
-def sample_with(cfg: Config, model, shape, generator, device, on_step=None) -> torch.Tensor:
-    """This script's sampler with cfg's settings; it calls the network cfg.timesteps times."""
-    return sample(model, shape, make_betas(cfg.schedule, cfg.timesteps), generator, var=cfg.var,
-                  clip_x0=cfg.clip_x0, device=device, on_step=on_step)
+def say(rank: int, text: str) -> None:
+    print(text, flush=True) if rank == 0 else None  # under torchrun, only the first process speaks
 
 
-def network_calls(cfg: Config) -> int:
-    return cfg.timesteps
+def stop_processes(world: int) -> None:
+    if world > 1:  # every process waits for the others, so that none ends while another still needs it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
-# >>> shared: sample_mode
-def load_for_sampling(cfg: Config):
-    """The EMA network of a checkpoint, and cfg with the checkpoint's values for what it fixes."""
-    state = load_checkpoint(cfg.ckpt, needs=("ema", "config", "step"))
-    cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, getattr(Config, k)) for k in ARCH_FIELDS})
-    if cfg.label >= (cfg.num_classes if cfg.class_cond else 0):
-        sys.exit(f"{PROG}: --label {cfg.label}: " + (f"{cfg.ckpt} knows classes 0..{cfg.num_classes - 1}"
-                 if cfg.class_cond else f"{cfg.ckpt} is not class-conditional (train with --class-cond)"))
-    channels = state["ema"]["conv_in.weight"].shape[1]
-    model = build_model(cfg, channels)
-    model.load_state_dict(state["ema"])
-    return model.eval(), cfg, (channels, cfg.image_size, cfg.image_size), state
-
-
-def sample_mode(cfg: Config) -> None:
-    """--sample: N PNGs and a grid from a checkpoint, with the sampling speed (and FID with --fid)."""
-    device = pick_device(cfg.device)
-    model, cfg, shape, state = load_for_sampling(cfg)
-    run_dir = cfg.out or sample_dir(cfg, state)
-    n = max(cfg.num_samples, cfg.fid)
-    start = time.time()
-    labels = sample_labels(cfg, n)  # None, or the class of each image
-    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed),
-                      labels=labels).cpu()
-    seconds = time.time() - start  # .cpu() waited for the device to finish: the clock is honest
-    save_pngs(images, os.path.join(run_dir, "generated"), labels)
-    if labels is not None and cfg.label < 0:  # one row per class: the first images of each
-        per_class = max(1, min(8, n // cfg.num_classes))
-        rows = [torch.nonzero(labels == k).flatten()[:per_class] for k in range(cfg.num_classes)]
-        save_grid(images[torch.cat(rows)], os.path.join(run_dir, "generated_grid.png"), nrow=per_class)
-    else:
-        save_grid(images[:64], os.path.join(run_dir, "generated_grid.png"))
-    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}, "
-          + " ".join(f"{k}={getattr(cfg, k)}" for k in SAMPLER_FIELDS) + f") -> {run_dir}/generated/")
-    if cfg.fid:
-        run_fid(cfg, images[:cfg.fid], run_dir, state["step"])
-# <<< shared: sample_mode
-
-
-# >>> shared: visualize
-def visualize(cfg: Config) -> None:
-    """forward.png: one image at 10 noise levels; reverse.png: x_t (top) and x̂_0 (bottom) along the sampler's chain."""
-    device = pick_device(cfg.device)
-    if cfg.ckpt:
-        model, cfg, shape, state = load_for_sampling(cfg)
-    run_dir = cfg.out or (sample_dir(cfg, state) if cfg.ckpt else f"runs/{PROG}-visualize")
-    os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    x0 = get_data(cfg)[0][:1]  # (1, C, H, W): the first training image
-    steps = torch.linspace(0, cfg.timesteps - 1, 10).round().long()  # 10 points along the chain
-    alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0)
-    save_grid(q_sample(x0.expand(10, -1, -1, -1), steps, torch.randn(10, *x0.shape[1:]), alpha_bar),
-              os.path.join(run_dir, "forward.png"), nrow=10)
-    print(f"wrote {run_dir}/forward.png: x_t at t = {steps.tolist()}")
-    if cfg.ckpt:
-        chain, model = [], model.to(device)  # (t, x_t, predicted x_0) at every step of the sampler
-        labels = sample_labels(cfg, 1)  # a class-conditional model draws --label (or class 0)
-        sample_with(cfg, model if labels is None else guided(model, labels.to(device), cfg.guidance), (1, *shape),
-                    torch.Generator(device).manual_seed(cfg.seed), device,
-                    on_step=lambda t, x, x0_pred: chain.append((t, x, x0_pred)))
-        chain = [chain[i] for i in sorted(set(torch.linspace(0, len(chain) - 1, 10).round().long().tolist()))]
-        save_grid(torch.cat([x for _, x, _ in chain] + [x0_pred for _, _, x0_pred in chain]),
-                  os.path.join(run_dir, "reverse.png"), nrow=len(chain))
-        print(f"wrote {run_dir}/reverse.png: x_t (top row) and predicted x_0 (bottom row) at t = "
-              f"{[t for t, _, _ in chain]}")
-# <<< shared: visualize
-
-
-# >>> shared: argparse
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we print one line
-        sys.exit(f"{PROG}: {message} (see --help)")
-
-
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def parse_args(argv=None) -> Config:
-    """Every Config field becomes a flag; its comment in the class above is the --help text."""
-    helps = dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
-    parser = OneLineErrorParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else \
-            {"type": finite_float if f.type is float else f.type, "choices": CHOICES.get(f.name)}
-        shown = helps.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=shown, **kind)
-    return Config(**vars(parser.parse_args(argv)))
-
-
-def check_ranges(cfg: Config) -> None:
-    """Every number in RANGES lies in its range, before anything runs; else one line naming the flag."""
-    tests = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), ">=1": (lambda v: v >= 1, ">= 1"),
-             "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-             ">=-1": (lambda v: v >= -1, ">= 0 (or -1 for none)")}
-    for name, rule in RANGES.items():
-        value, (ok, words) = getattr(cfg, name), tests[rule]
-        if not (math.isfinite(value) and ok(value)):
-            sys.exit(f"{PROG}: --{name.replace('_', '-')} must be {words}, got {value}")
-
-
-def run_main(main) -> None:
-    """main(parse_args()), with what a user's machine can throw turned into one line, not a traceback."""
-    try:
-        main(parse_args())
-    except OSError as e:  # disk full, permission denied, read-only folder, too many open files, ...
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        sys.exit(f"{PROG}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-                 + (" (free some space or choose another --out; the last checkpoint is intact)" if full else ""))
-    except KeyboardInterrupt:
-        sys.exit(f"{PROG}: interrupted")
-# <<< shared: argparse
-
-
-# >>> shared: data_files
-TORCHVISION_FILES = {  # what to put where when torchvision cannot download (offline machines)
-    "cifar10": ("CIFAR10", "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)", ""),
-    "mnist": ("MNIST", "train-images-idx3-ubyte and train-labels-idx1-ubyte (.gz is fine)", "MNIST/raw/"),
-    "fashion-mnist": ("FashionMNIST", "train-images-idx3-ubyte and train-labels-idx1-ubyte (.gz is fine)",
-                      "FashionMNIST/raw/"),
-}
-
-
-def read_torchvision(name: str, root: str):
-    """A torchvision dataset's training split: uint8 images (N, C, H, W) and labels (N,). The download
-    is tried only when the files are not there; offline, one line says which files to put where."""
-    import torchvision
-    cls, files, sub = TORCHVISION_FILES[name]
-    try:
-        ds = getattr(torchvision.datasets, cls)(root, train=True, download=False)
-    except RuntimeError:
-        try:
-            ds = getattr(torchvision.datasets, cls)(root, train=True, download=True)
-        except Exception as e:  # offline: say exactly what to put where
-            sys.exit(f"{PROG}: cannot download {name} ({type(e).__name__}); "
-                     f"put {files} in {os.path.join(root, sub)} and run again")
-    return as_nchw(torch.as_tensor(np.asarray(ds.data)), name), torch.as_tensor(np.asarray(ds.targets))
-
-
-def read_npy(path: str, labels_path: str = ""):
-    """A .npy stack of images as uint8 (N, C, H, W) (see pixels_to_uint8 for the values it takes), and
-    --labels FILE.npy if given (else None)."""
-    try:
-        array = np.load(path, allow_pickle=False)  # (N, H, W), (N, H, W, C) or (N, C, H, W)
-    except (ValueError, OSError) as e:
-        sys.exit(f"{PROG}: cannot read {path} as a numpy array: {first_line(e)}")
-    if array.dtype.kind in "iufb" and array.ndim not in (3, 4):  # numbers, but not a stack of images:
-        images = torch.empty(array.shape, dtype=torch.uint8)  # as_nchw names the shape, pixels unread
-    else:
-        images = pixels_to_uint8(array, path)
-    images = as_nchw(images, path)
-    return images, read_labels(labels_path, len(images)) if labels_path else None
-
-
-def as_nchw(images: torch.Tensor, name: str) -> torch.Tensor:
-    """(N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W) with C = 1 or 3; else one line naming the shape."""
-    if images.dim() == 3:
-        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-    elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = images.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2 or min(images.shape[2:]) < 1:
-        sys.exit(f"{PROG}: {name} must hold at least 2 grey or RGB images, (N, H, W), (N, H, W, C) or "
-                 f"(N, C, H, W); got shape {tuple(images.shape)}")
-    return images
-
-
-def pixels_to_uint8(array: np.ndarray, name: str) -> torch.Tensor:
-    """Images as uint8 [0, 255]. Integers (any dtype) are pixels in [0, 255]; floats are read as [0, 1],
-    or as [-1, 1] if any value is negative. (fid.py reads .npy files by the same rule.)"""
-    if array.dtype.kind in "iu":
-        if array.size and not 0 <= array.min() <= array.max() <= 255:
-            sys.exit(f"{PROG}: {name}: integer pixels must be in [0, 255], got [{array.min()}, {array.max()}]")
-        return torch.as_tensor(array.astype(np.uint8))
-    if array.dtype.kind not in "fb":
-        sys.exit(f"{PROG}: {name}: cannot read {array.dtype} values as pixels (use uint8, or floats in [0, 1])")
-    x = torch.as_tensor(array.astype(np.float32))
-    low, high = (x.min().item(), x.max().item()) if x.numel() else (0, 0)
-    if not (math.isfinite(low + high) and (0 <= low and high <= 1 or -1 <= low < 0 and high <= 1)):
-        sys.exit(f"{PROG}: {name}: float pixels must be in [0, 1] or [-1, 1], got [{low:.3g}, {high:.3g}] "
-                 "(save pixel values 0..255 as uint8)")
-    return ((x + 1) / 2 if low < 0 else x).mul(255).round().to(torch.uint8)
-
-
-def read_folder(folder: str, size: int):
-    """The images of a folder as uint8 (N, 1, H, W) if all are grey, else (N, 3, H, W), resized to size×size
-    (0: the first image's width). A folder with no images but subfolders of them, one per class
-    (torchvision's ImageFolder layout), gives their images and the labels 0, 1, ... in sorted order."""
-    from PIL import Image
-    image = lambda p: p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp"))  # noqa: E731
-    paths, labels = sorted(os.path.join(folder, p) for p in os.listdir(folder) if image(p)), None
-    if not paths:  # one subfolder per class?
-        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-        found = [(os.path.join(folder, c, p), k) for k, c in enumerate(classes)
-                 for p in sorted(os.listdir(os.path.join(folder, c))) if image(p)]
-        paths, labels = [p for p, _ in found], torch.tensor([k for _, k in found])
-    if not paths:
-        sys.exit(f"{PROG}: no .png/.jpg/.bmp images in folder {folder} (nor in subfolders of it, one per class)")
-    pictures = []
-    for path in paths:  # one file open at a time
-        try:
-            with Image.open(path) as im:
-                pictures.append(im.convert("L" if im.mode in ("L", "1") else "RGB"))
-        except OSError as e:
-            sys.exit(f"{PROG}: cannot read image {path}: {e}")
-    mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"  # a folder of grey images stays grey
-    size = size or pictures[0].size[0]
-    return as_nchw(torch.as_tensor(np.stack([np.asarray(p.convert(mode).resize((size, size), Image.BICUBIC))
-                                             for p in pictures])), folder), labels
-
-
-def read_labels(path: str, n: int) -> torch.Tensor:
-    """--labels FILE.npy: integer labels (N,), or one-hot rows (N, K) as the 16x16 Sprites set ships them."""
-    try:
-        y = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        sys.exit(f"{PROG}: cannot read --labels {path}: {first_line(e)}")
-    y = y.argmax(1) if y.ndim == 2 else y
-    if y.shape != (n,) or y.dtype.kind not in "iuf" or y.min() < 0 or (y != np.round(y)).any():
-        sys.exit(f"{PROG}: --labels {path} must hold {n} labels 0, 1, ... (shape ({n},)) or {n} one-hot rows, "
-                 f"got shape {y.shape} of {y.dtype}")
-    return torch.as_tensor(y.astype(np.int64))
-# <<< shared: data_files
-
-
-# >>> shared: run
-class Run:
-    """Everything around a training loop that is not the algorithm: processes and device, the run directory,
-    resuming, the log (stdout and metrics.csv), checkpoints, and a clean stop on Ctrl-C or SIGTERM, which saves
-    a checkpoint at the current step. Only process 0 (torchrun's first, or the only one) writes files."""
-
-    def __init__(self, cfg, needs: tuple = ()):
-        # torchrun starts one process per GPU and sets RANK (which one), WORLD_SIZE (how many) and
-        # LOCAL_RANK (which GPU of this machine); under plain python there is one: rank 0 of 1
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.rows = slice(self.rank, None, self.world)  # this process's rows of each batch: rank, rank + W, ...
-        self.device = pick_device(cfg.device)
-        if cfg.batch_size % self.world:  # --batch-size is the global batch: the run is the same on 1 or 8 GPUs
-            sys.exit(f"{PROG}: --batch-size {cfg.batch_size} must be divisible by the number of processes ({self.world})")
-        self.dir = cfg.out or f"runs/{PROG}-{os.path.basename(cfg.dataset.rstrip('/')).removesuffix('.npy')}"
-        self.ckpt_path = cfg.ckpt or os.path.join(self.dir, "ckpt.pt")
-        if not cfg.resume and os.path.exists(self.ckpt_path):  # never overwrite a trained model by accident
-            sys.exit(f"{PROG}: {self.ckpt_path} exists; pass --resume to continue that run or --out NEW_DIR to start anew")
-        self.state = load_checkpoint(self.ckpt_path) if cfg.resume else None
-        missing = [k for k in (*needs, "rng_cpu") if self.state and k not in self.state]
-        if missing:  # e.g. written by an older version: it can be sampled, not resumed
-            sys.exit(f"{PROG}: {self.ckpt_path} lacks {', '.join(missing)} and cannot be resumed; use --out NEW_DIR "
-                     "to start anew (--sample still reads it)")
-        if self.state:  # what the networks are is fixed by the checkpoint (a field it predates: the default)
-            cfg = dataclasses.replace(cfg, **{k: self.state["config"].get(k, getattr(type(cfg), k)) for k in ARCH_FIELDS})
-        self.cfg, self.step0 = cfg, self.state["step"] if self.state else 0
-        self.signal, self.metrics, self.saved, self.sums, self.count = None, None, self.step0 or None, None, 0
-        if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        torch.manual_seed(cfg.seed + self.rank)  # each process its own dropout masks
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls/convs
-
-    def __enter__(self):  # Ctrl-C (SIGINT) and SIGTERM only raise a flag: the loop saves, then stops
-        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def on_signal(self, number, frame):
-        if self.signal:  # a second Ctrl-C stops at once (the checkpoint on disk is intact)
-            sys.exit(f"{PROG}: stopped at once by a second {self.signal}; the last checkpoint is {self.ckpt_path}")
-        self.signal = signal.Signals(number).name
-
-    def __exit__(self, *error):
-        for s, handler in self.handlers.items():
-            signal.signal(s, handler)
-        if self.metrics:
-            self.metrics.close()
-        if self.world > 1 and torch.distributed.is_initialized():
-            if error[0] is None:  # a clean end: wait until every process is done (process 0 writes the last files),
-                torch.distributed.barrier()  # so that none tears the group down while another still uses it
-            torch.distributed.destroy_process_group()
-
-    def start(self, **facts) -> None:
-        """config.json and samples/; on resume, grids from after the checkpoint (a killed run's) are removed."""
-        if self.rank == 0:
-            os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
-            for name in os.listdir(os.path.join(self.dir, "samples")):
-                if re.fullmatch(r"step_\d+\.png", name) and int(name[5:-4]) > self.step0:
-                    os.remove(os.path.join(self.dir, "samples", name))
-            with open(os.path.join(self.dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(self.cfg) | {"processes": self.world} | facts, f, indent=2)
-        self.start_time = self.last_time = time.time()
-
-    def restore(self, **objects) -> int:
-        """Remember what a checkpoint holds (networks, optimisers, schedulers, generators, by name); on resume,
-        load them and the random state, and take a new --lr if one is given. Returns the step to continue from."""
-        self.objects, self.last_step = objects, self.step0
-        if not self.state:
-            return 0
-        for name, thing in objects.items():
-            getattr(thing, "set_state" if isinstance(thing, torch.Generator) else "load_state_dict")(self.state[name])
-        if self.rank == 0:  # process 0 continues its dropout masks too (the others start fresh ones)
-            torch.set_rng_state(self.state["rng_cpu"])
-            if self.device.type == "cuda" and self.state.get("rng_cuda", torch.empty(0)).numel():
-                torch.cuda.set_rng_state(self.state["rng_cuda"])
-        self.sums, self.count = self.state.get("log_sums") or (None, 0)  # a log row cut short by a stop
-        for thing in objects.values():  # --lr as given now (the same value changes nothing)
-            for group in getattr(thing, "param_groups", []):
-                group["lr"] = self.cfg.lr
-        for s in (s for s in objects.values() if isinstance(s, torch.optim.lr_scheduler.LambdaLR)):
-            s.base_lrs = [self.cfg.lr] * len(s.base_lrs)
-            for group, factor in zip(s.optimizer.param_groups, s.lr_lambdas):
-                group["lr"] = self.cfg.lr * factor(s.last_epoch)
-        self.print(f"resumed from {self.ckpt_path} at step {self.step0} (learning rate {self.cfg.lr:g}, "
-                   f"was {self.state['config']['lr']:g})")
-        return self.step0
-
-    def wrap(self, model):
-        """The network as the loop calls it: DDP under torchrun (it averages the gradients in backward()),
-        compiled with --compile. Both share `model`'s weights, which is what checkpoints save."""
-        net = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        return torch.compile(net) if self.cfg.compile else net
-
-    def describe(self, *models, note: str = "") -> None:
-        millions = " + ".join(f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for m in models)
-        self.print(f"{millions} parameters | {os.path.basename(self.cfg.dataset)} {self.cfg.image_size}px | {self.device} | "
-                   f"{'bf16' if use_bf16(self.cfg, self.device) else 'fp32'} | {note} | batch {self.cfg.batch_size}"
-                   + (f" = {self.world} processes × {self.cfg.batch_size // self.world}" if self.world > 1 else ""))
-
-    def print(self, text: str) -> None:
-        if self.rank == 0:
-            print(text, flush=True)
-
-    def due(self, step: int, every: int) -> bool:  # for what only process 0 does: grids, checkpoints
-        return self.rank == 0 and (step % every == 0 or step == self.cfg.steps)
-
-    def fixed_noise(self, offset: int = 0) -> torch.Generator:  # the same noise every time: grids show progress
-        return torch.Generator(self.device).manual_seed(self.cfg.seed + offset)
-
-    def diverged(self, step: int, what: str):
-        kept = (f"{self.ckpt_path} holds the last good one (step {self.saved}); lower --lr and continue with "
-                "--resume --lr NEW_LR") if self.saved else "no checkpoint was written; lower --lr and start again"
-        sys.exit(f"{PROG}: training diverged by step {step} ({what}); {kept}")
-
-    def log(self, step: int, **values) -> None:
-        """Add this step's values to running sums (tensors stay on the device: no synchronisation); every
-        --log-every steps print their means with the speed, write a row of metrics.csv, and check them."""
-        tensors = torch.stack([v.float() for v in values.values() if torch.is_tensor(v)])
-        self.sums, self.count = (tensors if self.sums is None else self.sums + tensors), self.count + 1
-        if step % self.cfg.log_every and step != self.cfg.steps:
-            return
-        if self.world > 1:
-            torch.distributed.all_reduce(self.sums)  # the sum over every process, in every process
-        means = iter((self.sums / self.count / self.world).tolist())
-        row = {k: next(means) if torch.is_tensor(v) else v for k, v in values.items()}
-        if not all(math.isfinite(v) for k, v in row.items() if torch.is_tensor(values[k])):
-            self.diverged(step, ", ".join(f"{k} {v}" for k, v in row.items()))
-        now = time.time()
-        speed = (step - self.last_step) * self.cfg.batch_size / (now - self.last_time)
-        self.print(f"step {step:>7}/{self.cfg.steps} | " + " | ".join(f"{k} {v:#.4g}" for k, v in row.items())
-                   + f" | {speed:7.1f} img/s | ETA {(self.cfg.steps - step) * self.cfg.batch_size / speed / 3600:5.2f} h")
-        if self.rank == 0:
-            self.metrics = self.metrics or open_metrics(os.path.join(self.dir, "metrics.csv"), self.step0,
-                                                        ["step", *row, "images_per_s", "elapsed_s"])
-            csv.writer(self.metrics).writerow([step, *(f"{v:.6g}" for v in row.values()), f"{speed:.1f}",
-                                               f"{now - self.start_time:.1f}"])
-            self.metrics.flush()
-        self.sums, self.count, self.last_time, self.last_step = None, 0, now, step
-
-    def stopping(self, step: int) -> bool:
-        """Has Ctrl-C or SIGTERM asked us to stop? Under torchrun the processes agree on it at log steps."""
-        if self.world == 1:
-            return self.signal is not None
-        if step % self.cfg.log_every and step != self.cfg.steps:
-            return False
-        flag = torch.tensor(float(self.signal is not None), device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signal = self.signal or ("SIGTERM" if flag.item() else None)
-        return self.signal is not None
-
-    def save(self, step: int, path: str = "", **extra) -> None:
-        """Checkpoint what restore() named, the step, the config and the random state, if every weight is
-        finite (a diverged run keeps its last good checkpoint). After a stop signal, this ends the run."""
-        if self.rank == 0:
-            weights = [w for m in self.objects.values() if isinstance(m, nn.Module) for w in m.state_dict().values()]
-            if not torch.stack([w.float().isfinite().all() for w in weights]).all():  # one synchronisation
-                self.diverged(step, "NaN or infinite weights")
-            save_checkpoint(path or self.ckpt_path, extra | {
-                k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict() for k, v in self.objects.items()
-            } | {"step": step, "config": dataclasses.asdict(self.cfg), "script": PROG, "log_sums": (self.sums, self.count),
-                 "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0)})
-            self.saved = self.saved if path else step
-        if self.signal and not path:
-            sys.exit(f"{PROG}: stopped by {self.signal} at step {step}, saved to {self.ckpt_path}; continue with "
-                     "the same command and --resume")
-        if step == self.cfg.steps and not path:
-            self.print(f"done: {step} steps in {(time.time() - self.start_time) / 60:.1f} min; run in {self.dir}")
-
-    def untimed(self, work):
-        """work() (a grid, a quality check), off the training clock: img/s and the ETA count training steps only."""
-        start = time.time()
-        result = work()
-        self.last_time += time.time() - start
-        return result
-
-    def save_grid(self, step: int, make_images) -> None:
-        """samples/step_N.png from make_images(), and progression.png, off the training clock."""
-        save_grid(self.untimed(make_images), os.path.join(self.dir, "samples", f"step_{step:07d}.png"))
-        stack_progression(os.path.join(self.dir, "samples"), os.path.join(self.dir, "progression.png"))
-# <<< shared: run
+def agree(world: int, loss: torch.Tensor, stop: dict):
+    """The loss averaged over the processes, and whether any was asked to stop: torchrun's processes each
+    catch Ctrl-C on their own, and must stop at the same step."""
+    totals = torch.stack([loss, torch.tensor(float("by" in stop), device=loss.device)])
+    if world > 1:
+        torch.distributed.all_reduce(totals)  # summed over the processes, in every process
+    return totals[0].item() / world, totals[1].item() > 0
+# <<< shared: torchrun
 
 
 # >>> shared: plumbing
@@ -996,169 +647,230 @@ def pick_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
         sys.exit(f"{PROG}: --device {name} is not available here; use --device cpu or auto")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 on GPUs that have it
     return torch.device(name)
 
 
 def use_bf16(cfg, device: torch.device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return cfg.precision == "bf16" or cfg.precision == "auto" and device.type == "cuda"
 
 
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def open_run(cfg, needs: tuple):
+    """cfg (on --resume, with what the checkpoint fixes), the run folder (--out: written) and the state of
+    --ckpt or the run's ckpt.pt (--resume: read; else None). A run's ckpt.pt is only overwritten by itself."""
+    name = cfg.recipe or os.path.basename(cfg.dataset.rstrip("/")).removesuffix(".npy")
+    out = cfg.out or (os.path.dirname(cfg.ckpt) if cfg.resume and cfg.ckpt else f"runs/{PROG}-{name}")
+    path = os.path.join(out, "ckpt.pt")
+    if os.path.exists(path) and not (cfg.resume and os.path.realpath(path) == os.path.realpath(cfg.ckpt or path)):
+        sys.exit(f"{PROG}: {path} exists; pass --resume to continue it, or --out NEW_FOLDER to start anew")
+    state = load_checkpoint(cfg.ckpt or path, needs + ("config", "step", "rng_cpu")) if cfg.resume else None
+    if state:  # the networks are the checkpoint's (a field it predates: the default)
+        cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, getattr(Config, k)) for k in ARCH_FIELDS})
+    return cfg, out, state
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, then rename: a kill (or a full disk) mid-write never leaves a broken ckpt.pt."""
+def start_files(out: str, cfg, step: int) -> None:
+    """OUT/samples/ and OUT/config.json, once the data is read. On --resume, the rows of metrics.csv after the
+    checkpoint's step go (they are logged again), through a temporary file: no kill can shorten the log."""
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    path = os.path.join(out, "metrics.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and (not r[0].isdigit() or int(r[0]) <= step)]
+        with open(path + ".tmp", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, needs: tuple) -> dict:
+    """A checkpoint of a script in READS that holds `needs`; anything else is one line."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        sys.exit(f"{PROG}: checkpoint {path} " + ("is empty (0 bytes)" if os.path.isfile(path) else "does not exist"))
+    try:  # weights_only: a checkpoint from a stranger cannot run code when it is loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"{PROG}: cannot read checkpoint {path}: {type(e).__name__}: {[*str(e).splitlines(), '?'][0]}")
+    state = state if isinstance(state, dict) else {}
+    script, missing = state.get("script", PROG), [k for k in needs if k not in state]  # (old ones have no name)
+    if script not in READS or missing:
+        sys.exit(f"{PROG}: {path} is not a checkpoint that {PROG}.py can use: "
+                 + (f"{script}.py wrote it" if script not in READS else f"it lacks {', '.join(missing)}"))
+    return state
+
+
+def save_checkpoint(run: dict, step: int, state: dict, device, name: str = "ckpt.pt") -> None:
+    """OUT/name with the random state, if every weight is finite (a diverged run keeps its last good
+    checkpoint). Written to a temporary file, then renamed: a kill or a full disk never leaves a broken one."""
+    if not all(w.isfinite().all() for v in state.values() if isinstance(v, dict) for w in v.values()
+               if torch.is_tensor(w) and w.is_floating_point()):
+        diverged(run, step, "weights are NaN or infinite")
+    state |= dict(rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda"
+                  else torch.empty(0))
+    path = os.path.join(run["out"], name)
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
-        sys.exit(f"{PROG}: cannot write {path} ({first_line(e)}; {free:.0f} MiB free on that disk): "
-                 f"the previous checkpoint is intact; free some space and continue with --resume")
+        os.path.exists(path + ".tmp") and os.remove(path + ".tmp")
+        sys.exit(f"{PROG}: cannot write {path} ({str(e).splitlines()[0]}); " + (
+            f"ckpt.pt holds step {run['saved']}: free some space and continue with --resume" if run["saved"]
+            else "no checkpoint was written: free some space and start again"))
+    run["saved"] = step if name == "ckpt.pt" else run["saved"]
 
 
-def load_checkpoint(path: str, needs: tuple = ("config", "step")) -> dict:
-    """A checkpoint of a script in READS, with the keys `needs`; else one line saying what the file is."""
-    if not os.path.isfile(path):
-        sys.exit(f"{PROG}: checkpoint {path} does not exist; train first, or pass --ckpt RUN/ckpt.pt")
-    if os.path.getsize(path) == 0:
-        sys.exit(f"{PROG}: checkpoint {path} is empty (0 bytes): a copy or a download cut short?")
-    try:  # weights_only: a checkpoint from a stranger cannot run code when loaded
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        sys.exit(f"{PROG}: cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}")
-    writer = state.get("script", guess_writer(state)) if isinstance(state, dict) else None
-    if writer not in READS or not all(k in state for k in needs):
-        what = f"was written by {writer}.py" if writer else f"is {describe_object(state)}"
-        sys.exit(f"{PROG}: {path} {what}, not a checkpoint of {' or '.join(s + '.py' for s in READS)}"
-                 + (f"; use {writer}.py with it" if writer else ""))
-    return state
+def restore(state: dict, **objects) -> int:
+    """--resume: load each object (a network, an optimiser, a generator) and the random state; the step.
+    An optimiser keeps the --lr given now, so that a run can continue with a lower one."""
+    for name, thing in objects.items():
+        lrs = [group["lr"] for group in getattr(thing, "param_groups", [])]
+        thing.set_state(state[name]) if isinstance(thing, torch.Generator) else thing.load_state_dict(state[name])
+        for group, lr in zip(getattr(thing, "param_groups", []), lrs):
+            group["lr"] = lr
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state.get("rng_cuda", torch.empty(0)).numel():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    print(f"resumed at step {state['step']}")
+    return state["step"]
 
 
-def guess_writer(state: dict):
-    """Which script wrote a checkpoint that predates the "script" entry, from the entries it has."""
-    keys = set(state)
-    for script, entries in (("ddpm", {"ema", "model"}), ("dcgan", {"generator", "discriminator"}),
-                            ("vaegan", {"model", "optimizers"}), ("vae", {"model", "optimizer"})):
-        if entries <= keys and "config" in keys:
-            return script  # (ddim.py writes the same entries as ddpm.py)
-    return None
+def catch_stop_signals() -> dict:
+    """Ctrl-C (SIGINT) and SIGTERM set stop["by"]: the loop saves a checkpoint, then ends. A second Ctrl-C
+    stops at once (as Python does: KeyboardInterrupt)."""
+    stop = {}
+
+    def handler(number, frame):
+        stop["by"] = signal.Signals(number).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+    return stop
 
 
-def describe_object(thing) -> str:
-    if isinstance(thing, dict):
-        return "a bare state_dict (weights only)" if thing and all(map(torch.is_tensor, thing.values())) \
-            else f"a dict with keys {', '.join(sorted(map(str, thing))[:5]) or 'none'}"
-    return f"a {type(thing).__name__}"
+def diverged(run: dict, step: int, what: str) -> None:
+    """A NaN or infinite loss or weight: one line saying what is left, and what to do."""
+    advice = (f"{run['out']}/ckpt.pt holds step {run['saved']}: continue with --resume and a lower --lr"
+              if run["saved"] else "no checkpoint was written: start again with a lower --lr")
+    if run["saved"] and run["saved"] == run["resumed"]:  # it diverged again from the checkpoint it resumed
+        advice = (f"it was resumed from {run['out']}/ckpt.pt (step {run['saved']}), which is finite but does not "
+                  "train: start anew with --out NEW_FOLDER and a lower --lr")
+    sys.exit(f"{PROG}: training diverged by step {step} ({what}); {advice}")
 
 
-def open_metrics(path: str, step: int, header: list):
-    """metrics.csv, open for appending. On resume, rows logged after the checkpoint's step are dropped
-    (they will be logged again); the file is rewritten to a temporary file and renamed, so a kill at
-    any moment leaves either the old file or the new one, never a shorter one."""
-    rows = []
-    if step and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([header] + rows)
-    os.replace(path + ".tmp", path)
-    return open(path, "a", newline="")
+def log_line(run: dict, step: int, cfg, **values) -> None:
+    """One log line: checked for NaN, printed with the speed and the ETA, and a row of OUT/metrics.csv."""
+    if not all(math.isfinite(v) for v in values.values()):
+        diverged(run, step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    speed = (step - run["step"]) * cfg.batch_size / (time.time() - run["last"])  # images per second
+    print(f"step {step:>7}/{cfg.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+          + f" | {speed:.1f} img/s | ETA {(cfg.steps - step) * cfg.batch_size / speed / 3600:.2f} h", flush=True)
+    with open(os.path.join(run["out"], "metrics.csv"), "a", newline="") as f:  # a header if the file is new
+        csv.writer(f).writerows(([["step", *values, "images_per_s", "elapsed_s"]] if not f.tell() else []) + [
+            [step, *(f"{v:.6g}" for v in values.values()), f"{speed:.1f}", f"{time.time() - run['start']:.1f}"]])
+    run.update(last=time.time(), step=step)
 
 
-def save_grid(x: torch.Tensor, path: str, nrow: int = 8) -> None:
-    import torchvision
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image(x.float().cpu() * 0.5 + 0.5, path, nrow=nrow)  # [-1, 1] -> [0, 1]
+def finish(stop: dict, step: int, out: str) -> None:
+    """The end of a run: after Ctrl-C or SIGTERM, one line says how to continue."""
+    if "by" in stop:
+        sys.exit(f"{PROG}: stopped by {stop['by']} at step {step}, saved to {out}/ckpt.pt; continue with the same "
+                 "command and --resume")
+    print(f"done: {step} steps, the run is in {out}")
 
 
-def save_pngs(x: torch.Tensor, folder: str, labels=None) -> None:
-    """One PNG per image (000000.png, ..., or 000000_class3.png with labels), the format FID tools read."""
-    from PIL import Image
-    os.makedirs(folder, exist_ok=True)
-    for old in os.listdir(folder):  # drop this script's earlier images there, or an FID tool would count them
-        if re.fullmatch(r"\d{6}(_class\d+)?\.png", old):
-            os.remove(os.path.join(folder, old))
-    pixels = ((x.float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    for i, p in enumerate(pixels):  # (H, W, C) uint8
-        name = f"{i:06d}.png" if labels is None else f"{i:06d}_class{int(labels[i])}.png"
-        Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(os.path.join(folder, name))
-
-
-def sample_dir(cfg, state: dict) -> str:
-    """Where --sample writes: the checkpoint's folder if this script wrote it, else a subfolder named after
-    this script (and --out anywhere), so that sampling another script's run never replaces its files."""
-    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
-    return folder if state.get("script", guess_writer(state)) == PROG else os.path.join(folder, f"{PROG}-samples")
-
-
-def stack_progression(folder: str, out_path: str) -> None:
-    """Stack the first row of every samples/step_N.png into one image: samples over training."""
-    from PIL import Image
-    grids = []
-    for name in sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d+\.png", f)):
-        try:  # a grid cut short by a kill is skipped, not fatal
-            with Image.open(os.path.join(folder, name)) as grid:
-                grids.append(grid.convert("RGB"))
-        except OSError:
-            pass
-    if not grids:
-        return
-    height = (grids[0].width - 2) // 8 + 2  # save_grid: 8 tiles a row with 2-pixel padding
-    canvas = Image.new("RGB", (grids[0].width, height * len(grids)))
-    for i, grid in enumerate(grids):
-        canvas.paste(grid.crop((0, 0, grid.width, height)), (0, i * height))
-    canvas.save(out_path)
-
-
-def run_fid(cfg, images: torch.Tensor, run_dir: str, step: int) -> float:
-    """FID of generated images against the training set, printed and appended to fid.csv.
-    fid.py is imported only here: the scripts need it only when --fid is asked for."""
+def run_fid(cfg, images: torch.Tensor) -> float:
+    """FID of generated images against the training set (fid.py, imported only when --fid asks for it)."""
     import fid
-    reference = f"{cfg.dataset}-train" if cfg.dataset in TORCHVISION_FILES else cfg.dataset
-    value = fid.score(images, reference, device=str(pick_device(cfg.device)), batch_size=50,
-                      weights=cfg.fid_weights or None, data_root=cfg.data_root)
-    sampler = f"{PROG} " + " ".join(f"{k}={getattr(cfg, k)}" for k in SAMPLER_FIELDS)
-    weights = cfg.fid_weights or "torchvision IMAGENET1K_V1"
-    print(f"FID {value:.2f} ({len(images)} samples, {sampler}, vs {reference}, Inception weights: {weights})")
-    path = os.path.join(run_dir, "fid.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["step", "n", "fid", "sampler", "weights"])
-        writer.writerow([step, len(images), f"{value:.4f}", sampler, weights])
+    reference = f"{cfg.dataset}-train" if cfg.dataset in TORCHVISION else cfg.dataset
+    value = fid.score(images, reference, device=str(pick_device(cfg.device)), weights=cfg.fid_weights or None,
+                      data_root=cfg.data_root)
+    print(f"FID {value:.2f} ({len(images)} samples vs {reference}, Inception: {cfg.fid_weights or 'torchvision'})")
     return value
+
+
+def run_main(main) -> None:
+    """main(parse_args()), with what a user's machine can throw (a full disk, a read-only folder) as one line."""
+    try:
+        main(parse_args())
+    except OSError as e:
+        sys.exit(f"{PROG}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except KeyboardInterrupt:
+        sys.exit(f"{PROG}: interrupted")
 # <<< shared: plumbing
 
 
-# >>> shared: progress
-class Progress:
-    """'sampling: 1200/2000 (60%) | 3.4 img/s | ETA 3m52s' for a long wait: rewritten in place on a
-    terminal; in a file or a CI log, a new line every PROGRESS_EVERY seconds (10) and one at the end."""
-    EVERY = float(os.environ.get("PROGRESS_EVERY", 10))
+# 7. Main: train, or generate from a checkpoint (--sample, --visualize) =============================
+def main(cfg: Config) -> None:
+    if cfg.sample and not cfg.ckpt:
+        sys.exit(f"{PROG}: --sample needs --ckpt RUN/ckpt.pt (a checkpoint written by training)")
+    visualize(cfg) if cfg.visualize else sample_mode(cfg) if cfg.sample else train(cfg)
 
-    def __init__(self, label: str, total: int, unit: str = "img"):
-        self.label, self.total, self.unit, self.shown, self.done = label, total, unit, False, False
-        self.start = self.last = time.time()
-        self.tty = sys.stdout.isatty()
 
-    def update(self, done: float) -> None:
-        now, finished = time.time(), done >= self.total
-        if self.done or not finished and now - self.last < (min(0.5, self.EVERY) if self.tty else self.EVERY):
-            return
-        if finished and not self.shown and now - self.start < 2 and self.EVERY > 0:
-            return  # a wait too short to need a progress line
-        self.last, self.shown, self.done, rate = now, True, finished, done / max(now - self.start, 1e-9)
-        clock = lambda s: f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m" if s >= 3600 else f"{s // 60:.0f}m{s % 60:02.0f}s"
-        line = (f"{self.label}: {done:.0f}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%) | "
-                f"{rate:.1f} {self.unit}/s | " + (f"done in {clock(now - self.start)}" if finished else
-                                                 f"ETA {clock((self.total - done) / max(rate, 1e-9))}"))
-        print("\r" + line + "   " if self.tty else line, end="\n" if finished or not self.tty else "", flush=True)
-# <<< shared: progress
+# >>> shared: sample_mode
+def load_for_sampling(cfg: Config):
+    """The EMA network of --ckpt, cfg with the checkpoint's values for what it fixes, the image shape
+    (C, H, W), and where to write: --out, else the checkpoint's folder (another's, or an unnamed one's: a subfolder)."""
+    state = load_checkpoint(cfg.ckpt, needs=("ema", "config"))
+    cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, getattr(Config, k)) for k in ARCH_FIELDS})
+    if not -1 <= cfg.label < (cfg.num_classes if cfg.class_cond else 0):
+        sys.exit(f"{PROG}: --label {cfg.label}: " + (f"{cfg.ckpt} knows classes 0..{cfg.num_classes - 1}"
+                 if cfg.class_cond else f"{cfg.ckpt} is not class-conditional (train with --class-cond)"))
+    model = build_model(cfg, state["ema"]["conv_in.weight"].shape[1])
+    model.load_state_dict(state["ema"])
+    folder = os.path.dirname(os.path.abspath(cfg.ckpt))
+    out = cfg.out or (folder if state.get("script") == PROG else os.path.join(folder, f"{PROG}-samples"))
+    return model.eval(), cfg, (model.conv_in.in_channels, cfg.image_size, cfg.image_size), out
+
+
+def sample_mode(cfg: Config) -> None:
+    """--sample: --num-samples PNGs in OUT/generated/ (one file each, as FID tools read them), a grid, the
+    speed, and --fid."""
+    device = pick_device(cfg.device)
+    model, cfg, shape, out = load_for_sampling(cfg)
+    n, start = max(cfg.num_samples, cfg.fid), time.time()
+    labels = sample_labels(cfg, n)  # None, or the class of each image: 0, 1, …, K−1, 0, 1, …
+    images = generate(model.to(device), cfg, n, shape, device, torch.Generator(device).manual_seed(cfg.seed),
+                      labels).cpu()
+    seconds = time.time() - start  # .cpu() waited for the device to finish: the clock is honest
+    os.makedirs(os.path.join(out, "generated"), exist_ok=True)
+    for i, image in enumerate(images * 0.5 + 0.5):  # 000000.png, … (000000_class3.png with labels)
+        save_image(image, os.path.join(out, "generated", f"{i:06d}" + (f"_class{labels[i]}" if cfg.class_cond
+                                                                        else "") + ".png"))
+    rows = [images[labels == k][:8] for k in range(cfg.num_classes)] if cfg.class_cond and cfg.label < 0 else []
+    save_image(torch.cat(rows) if rows else images[:64], os.path.join(out, "generated_grid.png"),  # a row per class
+               nrow=len(rows[0]) if rows else 8, normalize=True, value_range=(-1, 1))
+    print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}) -> {out}/generated/")
+    if cfg.fid:
+        run_fid(cfg, images[:cfg.fid])
+
+
+def visualize(cfg: Config) -> None:
+    """forward.png: a training image at 10 noise levels. With --ckpt, reverse.png: x_t (top row) and the
+    predicted x̂_0 (bottom row) along the sampler's chain, and reverse.gif: the whole chain as a film."""
+    device = pick_device(cfg.device)
+    model, cfg, shape, out = load_for_sampling(cfg) if cfg.ckpt else (None, cfg, None, f"runs/{PROG}-visualize")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    x0 = get_data(cfg)[0][:1]  # (1, C, H, W): the first training image
+    t = torch.linspace(0, cfg.timesteps - 1, 10).round().long()  # 10 points along the chain
+    alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0)
+    save_image(q_sample(x0.expand(10, -1, -1, -1), t, torch.randn(10, *x0.shape[1:]), alpha_bar) * 0.5 + 0.5,
+               os.path.join(out, "forward.png"), nrow=10)
+    if model is None:
+        return print(f"wrote {out}/forward.png: x_t at t = {t.tolist()}")
+    chain = []  # (x_t, predicted x_0) at every network call of the sampler, from noise to image
+    labels = sample_labels(cfg, 1)  # a class-conditional model draws --label (or class 0)
+    eps_model = model.to(device) if labels is None else guided(model.to(device), labels.to(device), cfg.guidance)
+    sample_with(cfg, eps_model, (1, *shape), torch.Generator(device).manual_seed(cfg.seed), device,
+                on_step=lambda t, x, x0_pred: chain.append(torch.cat([x, x0_pred]).float().cpu() * 0.5 + 0.5))
+    strip = [chain[i] for i in torch.linspace(0, len(chain) - 1, 10).round().long().unique()]
+    save_image(torch.stack(strip, 1).flatten(0, 1), os.path.join(out, "reverse.png"), nrow=len(strip))
+    frames = [torchvision.transforms.functional.to_pil_image(torchvision.utils.make_grid(x.clamp(0, 1))).resize(
+        (4 * (2 * shape[2] + 6), 4 * (shape[1] + 4)), 0) for x in chain[::max(1, len(chain) // 50)] + chain[-1:] * 12]
+    frames[0].save(os.path.join(out, "reverse.gif"), save_all=True, append_images=frames[1:], duration=80, loop=0)
+    print(f"wrote {out}/forward.png, reverse.png and reverse.gif: x_t (top, left) and the predicted x_0")
+# <<< shared: sample_mode
 
 
 if __name__ == "__main__":

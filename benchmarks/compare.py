@@ -5,16 +5,19 @@ sample grids, DDPM samples over training), made by a script anyone can rerun. Ea
 script runs as a subprocess, exactly the command a user would type (the scripts never import each
 other); this file only times them, reads what they leave behind and scores their samples.
 
-    python benchmarks/compare.py --preset cpu-mnist      # every CPU recipe of README.md: 88.5 min, 2 cores
+    python benchmarks/compare.py --preset cpu-mnist      # the scripts' MNIST recipes: 90.7 min, 2 cores
     python benchmarks/compare.py --preset gpu-cifar10 --fid-weights pt_inception-2015-12-05-6726825d.pth
     python benchmarks/compare.py --smoke                 # the same code path on tiny budgets: < 1 min
 
 Presets
-  cpu-mnist    README.md's CPU recipes on MNIST: ddpm.py (T = 100) with the cosine and the linear schedule,
-               ddim.py sampling the cosine checkpoint (20 steps, η = 1, trailing τ, clipped x̂₀: the CPU
-               recipes' sampler, docs/ddim.md), dcgan.py (samples from best.pt), vae.py, vaegan.py. 2000
-               samples each, scored by MNIST-FID (benchmarks/mnist_fid.py: a LeNet's features vs the 10k MNIST test images; NOT
-               comparable with papers), or by fid.py's Inception FID with --fid-weights.
+  cpu-mnist    The scripts' own MNIST recipes, each trained by `SCRIPT.py --recipe NAME` (compare adds only
+               --out and --data-root): ddpm.py --recipe mnist-2400 with --schedule cosine and with --schedule
+               linear (T = 100, sampled with --var beta_tilde), ddim.py --recipe mnist-2400 sampling the
+               cosine checkpoint (the recipe's sampler: 20 steps, η = 1, trailing τ, clipped x̂₀), and
+               dcgan.py (samples from best.pt), vae.py, vaegan.py with --recipe mnist (sampled in fp32 on the
+               CPU). 2000 samples each, scored by MNIST-FID (benchmarks/mnist_fid.py: a LeNet's features vs
+               the 10k MNIST test images; NOT comparable with papers), or by fid.py's Inception FID with
+               --fid-weights.
   gpu-cifar10  The paper-faithful CIFAR-10 runs: each script's defaults (DDPM linear and cosine: the paper's
                35.7M U-Net, 800k steps), DDIM with 50 and 100 steps (η = 0, quadratic τ, the DDIM paper's
                setting) of both DDPM checkpoints, DCGAN, VAE, VAE-GAN; 50,000 samples each; fid.py against
@@ -35,8 +38,9 @@ Outputs (OUT = --out, default runs/compare-<preset>/)
                    parameters), the machine, the exact commands, and how each number was measured
   losses.png       every model's training loss, one panel each (drawn with Pillow only)
   samples.png      every model's 8x8 sample grid (the first 64 of its scored samples), labelled
-  progression_<model>.png   each trained model's fixed-noise grids over training (first row of each
-                   samples/step_N.png), labelled with the step: for DDPM, the seed study's figure
+  progression_<model>.png   each trained model's fixed-noise grids over training (the first row of each
+                   samples/step_N.png the script saved), labelled with the step: for DDPM, the seed
+                   study's figure
   runs/<model>/    the scripts' own run directories; logs/ their full output; stages/ the JSON files
 
 Training stability: measured, not asserted. See stability() below and README.md for the definition.
@@ -88,32 +92,20 @@ def preset_models(preset: str, data: str, n: int) -> list:
     vaegan = dict(loss="gan_decoder", loss_label="decoder's adversarial loss −log D(·)", also=("gan_discriminator",))
     ddpm_loss = dict(loss_label="L_simple (MSE of ε)")
     vae_loss = dict(loss_label="−ELBO (nats/image)")
-    if preset == "cpu-mnist":  # README.md's CPU recipes, flag for flag (DDPM: also with the linear schedule)
-        cpu = ["--device", "cpu"]
-        ddpm_train = ["--dataset", data, "--timesteps", "100", "--channels", "32", "--channel-mult", "1,2,2",
-                      "--num-res-blocks", "1", "--dropout", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup",
-                      "100", "--lr-decay", "cosine", "--steps", "2400", "--sample-every", "400", "--ckpt-every",
-                      "400", "--precision", "bf16", *cpu]
-        ddpm_sample = ["--var", "beta_tilde", "--num-samples", str(n), "--batch-size", "64", "--precision", "bf16",
-                       *cpu]
-        return [
-            *[Model(f"ddpm-{s}", f"DDPM ({s}, T = 100)", "ddpm.py", ["--schedule", s, *ddpm_train], ddpm_sample,
-                    **ddpm_loss) for s in ("cosine", "linear")],
+    if preset == "cpu-mnist":  # the scripts' own MNIST recipes (--recipe NAME): compare adds --out and --data-root
+        num = ["--num-samples", str(n)]
+        return [  # DDPM: mnist-2400 with either schedule, sampled with σ² = β̃ (the recipe leaves --var at β)
+            *[Model(f"ddpm-{s}", f"DDPM ({s}, T = 100)", "ddpm.py", ["--recipe", "mnist-2400", "--schedule", s],
+                    ["--recipe", "mnist-2400", "--var", "beta_tilde", *num], **ddpm_loss)
+              for s in ("cosine", "linear")],
             Model("ddim", "DDIM, 20 steps, η = 1, trailing τ (DDPM cosine's checkpoint)", "ddim.py", [],
-                  ["--sample-steps", "20", "--eta", "1", "--skip", "trailing", "--num-samples", str(n), "--batch-size",
-                   "64", "--precision", "bf16", *cpu], source="ddpm-cosine", **ddpm_loss),
-            Model("dcgan", "DCGAN (best.pt)", "dcgan.py",
-                  ["--dataset", data, "--g-channels", "64", "--d-channels", "64", "--steps", "6000", "--check-every",
-                   "250", "--ckpt-every", "500", "--sample-every", "500", "--precision", "bf16", *cpu],
-                  ["--num-samples", str(n), *cpu], ckpt="best.pt", **gan),
-            Model("vae", "VAE (Bernoulli decoder)", "vae.py",
-                  ["--dataset", data, "--likelihood", "bernoulli", "--channels", "16", "--steps", "8000",
-                   "--precision", "bf16", *cpu, "--log-every", "200", "--sample-every", "1000", "--ckpt-every", "1000"],
-                  ["--num-samples", str(n), *cpu], **vae_loss),
-            Model("vaegan", "VAE-GAN", "vaegan.py",
-                  ["--dataset", data, "--d-dense", "64", "--feature-sigma", "5", "--steps", "1800", "--precision", "bf16",
-                   *cpu, "--log-every", "100", "--sample-every", "300", "--ckpt-every", "300"],
-                  ["--num-samples", str(n), *cpu], **vaegan),
+                  ["--recipe", "mnist-2400", *num], source="ddpm-cosine", **ddpm_loss),  # the recipe's sampler
+            # the others sample in fp32 on the CPU, as they were scored (their recipes' bf16 is for training)
+            Model("dcgan", "DCGAN (best.pt)", "dcgan.py", ["--recipe", "mnist"], [*num, "--device", "cpu"],
+                  ckpt="best.pt", **gan),
+            Model("vae", "VAE (Bernoulli decoder)", "vae.py", ["--recipe", "mnist"], [*num, "--device", "cpu"],
+                  **vae_loss),
+            Model("vaegan", "VAE-GAN", "vaegan.py", ["--recipe", "mnist"], [*num, "--device", "cpu"], **vaegan),
         ]
     if preset == "gpu-cifar10":  # each script's defaults are the paper's CIFAR-10 setting
         big = ["--num-samples", str(n), "--batch-size", "500"]  # the sampling batch only sets the speed
@@ -274,8 +266,9 @@ def load_pngs(folder: str) -> torch.Tensor:
 
 
 def grid_tiles(path: str) -> torch.Tensor:
-    """The 64 images of a samples/step_N.png grid (save_grid: 8 a row, 2-pixel padding) as uint8
-    (64, C, s, s); grids of grey images are saved as RGB, and come back grey (C = 1)."""
+    """The images of a samples/step_N.png grid (torchvision's save_image, as the scripts call it: 8 a row,
+    2-pixel padding; 64, or 8 per class for a class-conditional DDPM) as uint8 (N, C, s, s); grids of grey
+    images are saved as RGB, and come back grey (C = 1)."""
     from PIL import Image
     grid = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
     s = (grid.shape[1] - 2) // 8 - 2  # tile size, from the width 8·(s + 2) + 2
@@ -360,16 +353,36 @@ def read_metrics(run_dir: str) -> list:
         return list(csv.DictReader(f))
 
 
-def loop_seconds(rows: list) -> float:
-    """Training time from metrics.csv's elapsed_s (the loop, sample grids and checks included). A
-    resumed run restarts that clock, so each segment's last value is added up."""
-    total, last = 0.0, 0.0
+def loop_seconds(rows: list, resumed_at=()) -> float:
+    """Training time from metrics.csv's elapsed_s (the loop, sample grids and checks included), summed over
+    the run's segments. Each --resume restarts that clock, and the script first drops the rows after the
+    checkpoint it resumes (those steps are trained again), so the rows are one increasing run of steps whose
+    elapsed_s falls back at every resume. A segment starts where elapsed_s falls, or at the first row past a
+    step in resumed_at (the checkpoints compare resumed from: a short segment's clock need not fall below the
+    previous one's); each segment's last elapsed_s is added up. The steps between a killed segment's last row
+    and its checkpoint are not counted (at most --log-every steps per resume)."""
+    total, last, previous_step = 0.0, 0.0, -1
     for row in rows:
-        elapsed = float(row["elapsed_s"])
-        if elapsed < last:  # the clock restarted: a --resume
+        step, elapsed = int(row["step"]), float(row["elapsed_s"])
+        if elapsed < last or any(previous_step <= b < step for b in resumed_at):  # the clock restarted here
             total += last
-        last = elapsed
+        last, previous_step = elapsed, step
     return total + last
+
+
+def checkpoint_step(ckpt_path: str) -> int:
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"])
+
+
+def own_checks(run_dir: str) -> dict:
+    """A script's own quality check over training, if it keeps one (dcgan.py: quality.csv, columns step and
+    its --check, proxy by default): {"column": name, "rows": [[step, value], ...]}; else {}."""
+    path = os.path.join(run_dir, "quality.csv")
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return {"column": rows[0][1], "rows": [[int(r[0]), float(r[1])] for r in rows[1:] if r]}
 
 
 def count_parameters(ckpt_path: str) -> dict:
@@ -385,18 +398,41 @@ def count_parameters(ckpt_path: str) -> dict:
     return counts
 
 
-def train_stage(model: Model, run_dir: str, args) -> dict:
-    command = [sys.executable, model.script, *model.train, "--data-root", args.data_root, "--out", run_dir]
-    resumed = os.path.exists(os.path.join(run_dir, "ckpt.pt"))  # a killed compare run left it: continue it
+def train_command(model: Model, run_dir: str, args) -> list:
+    """The model's training command: its preset flags (cpu-mnist: the script's --recipe), then what compare adds."""
+    return [sys.executable, model.script, *model.train, "--data-root", args.data_root, "--out", run_dir]
+
+
+def sample_command(model: Model, ckpt: str, run_dir: str) -> list:
+    return [sys.executable, model.script, "--sample", "--ckpt", ckpt, *model.sample, "--out", run_dir]
+
+
+def train_stage(model: Model, run_dir: str, args, stages: str) -> dict:
+    """The training command; a ckpt.pt left by a killed compare run is continued with --resume. The steps it
+    was resumed from are kept in stages/<preset>.<model>.train.resumes (loop_seconds() needs them); a run
+    that starts afresh (no ckpt.pt) clears that file."""
+    command = train_command(model, run_dir, args)
+    ckpt, resumes = os.path.join(run_dir, "ckpt.pt"), os.path.join(stages, f"{args.preset}.{model.key}.train.resumes")
+    resumed = os.path.exists(ckpt)  # a killed compare run left it: continue it
+    if not resumed and os.path.exists(resumes):
+        os.remove(resumes)  # a fresh run: earlier runs' resume points mean nothing to it
+    resumed_at = []
+    if resumed:  # this step, and those of earlier resumes of this run
+        os.makedirs(stages, exist_ok=True)
+        with open(resumes, "a+") as f:
+            f.write(f"{checkpoint_step(ckpt)}\n")
+            f.seek(0)
+            resumed_at = [int(line) for line in f.read().split()]
     _, wall = run_command(command + ["--resume"] * resumed, os.path.join(args.out, "logs", f"{model.key}-train.log"),
                           args.quiet)
     rows = read_metrics(run_dir)
-    return {"command": shown(command), "resumed": resumed, "wall_s": wall, "train_s": loop_seconds(rows),
-            "steps": int(rows[-1]["step"]), "parameters": count_parameters(os.path.join(run_dir, "ckpt.pt"))}
+    return {"command": shown(command), "resumed": resumed, "resumed_at": resumed_at, "wall_s": wall,
+            "train_s": loop_seconds(rows, resumed_at), "steps": int(rows[-1]["step"]),
+            "parameters": count_parameters(ckpt), "own_checks": own_checks(run_dir)}
 
 
 def sample_stage(model: Model, ckpt: str, run_dir: str, args) -> dict:
-    command = [sys.executable, model.script, "--sample", "--ckpt", ckpt, *model.sample, "--out", run_dir]
+    command = sample_command(model, ckpt, run_dir)
     output, wall = run_command(command, os.path.join(args.out, "logs", f"{model.key}-sample.log"), args.quiet)
     found = re.search(r"(\d+) images in ([\d.]+) s \(([\d.]+) img/s", output)
     if not found:
@@ -541,8 +577,8 @@ def montage(items: list, path: str, band: int = 34) -> None:
 
 
 def labelled_progression(run_dir: str, path: str, title: str) -> bool:
-    """The first row of every samples/step_N.png (as the scripts' progression.png), one row per
-    grid, with its step written to the left and a title on top: samples over training."""
+    """The first row of every samples/step_N.png a script saved during training, one row per grid,
+    with its step written to the left and a title on top: samples over training."""
     from PIL import Image, ImageDraw
     grids = step_grids(run_dir)
     if not grids:
@@ -617,7 +653,8 @@ def report(args, preset: str, models: list, results: dict, ruler: Ruler, skipped
               f"unstable if a loss is not finite, CV > {CV_UNSTABLE} or rise > {RISE_UNSTABLE:.0%}; moderate if "
               f"CV > {CV_STABLE} or rise > {RISE_STABLE:.0%}; else stable. A DDIM row shares its DDPM's training.",
               "- **training time**: the training loop's own clock (metrics.csv `elapsed_s`, summed over resumed "
-              "segments), sample grids and quality checks included, start-up and data loading not.",
+              "segments: a resumed script drops the rows after its checkpoint and restarts the clock), sample "
+              "grids and quality checks included, start-up and data loading not.",
               "- **sampling images/s**: n divided by the generation time the script itself prints (its clock "
               "stops when the images reach the host; start-up and PNG writing are not included).",
               "- **parameters**: counted in the checkpoint (EMA copies, optimisers and BatchNorm statistics "
@@ -629,10 +666,14 @@ def report(args, preset: str, models: list, results: dict, ruler: Ruler, skipped
     for model, r, trained, st, params, column in rows:
         nets = " + ".join(f"{k} {v:,}" for k, v in trained["train"]["parameters"].items())
         curve = ", ".join(f"{s}: {q:.4g}" for s, q in trained["score"].get("grid_quality", []))
+        checks = trained["train"].get("own_checks") or {}
+        best = min(checks["rows"], key=lambda row: row[1]) if checks.get("rows") else None
         lines.append(f"- **{model.label}** ({model.key}): stability from `{column}` ({st['why']}); "
                      f"{trained['train']['steps']} steps; parameters {nets}; sampling {r['sample']['n']} images in "
                      f"{r['sample']['seconds']:.1f} s (wall clock with start-up and PNG writing "
-                     f"{r['sample']['wall_s']:.1f} s)" + (f"; grid {ruler.name} by step: {curve}" if curve else ""))
+                     f"{r['sample']['wall_s']:.1f} s)" + (f"; grid {ruler.name} by step: {curve}" if curve else "")
+                     + (f"; the script's own check (quality.csv, {checks['column']}): best {best[1]:.4g} at step "
+                        f"{best[0]} of {len(checks['rows'])} checks" if best else ""))
     for key in skipped:
         lines.append(f"- **{key}**: not run: its script is not in this checkout.")
     lines += ["", "## Commands, in the order they ran", ""]
@@ -701,7 +742,8 @@ def main(args) -> None:
         run_dir = os.path.join(out, "runs", model.key)
         results[model.key] = r = {}
         if not model.source:
-            r["train"] = stage(out, preset, model, "train", lambda: train_stage(model, run_dir, args))
+            r["train"] = stage(out, preset, model, "train",
+                               lambda: train_stage(model, run_dir, args, os.path.join(out, "stages")))
         ckpt = os.path.join(out, "runs", model.source or model.key, model.ckpt)
         r["sample"] = stage(out, preset, model, "sample", lambda: sample_stage(model, ckpt, run_dir, args))
         r["score"] = stage(out, preset, model, f"score-{ruler.name.replace(' ', '_')}",

@@ -21,10 +21,12 @@ import dataclasses
 import math
 import os
 import platform
+import re
 import sys
 import time
 
 import torch
+from torchvision.utils import save_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts live in the repository root; benchmarks may import them
@@ -79,7 +81,7 @@ def quality_measure(dataset: str, args):
             lambda images: mnist_fid.score(images, args.data_root)
     if args.fid_weights:
         import fid
-        reference = f"{dataset}-train" if dataset in ddpm.TORCHVISION_FILES else dataset
+        reference = f"{dataset}-train" if dataset in ddpm.TORCHVISION else dataset
         weights = None if args.fid_weights == "torchvision" else args.fid_weights
         device = str(ddpm.pick_device(args.device))
         return f"FID vs {reference} (Inception weights: {args.fid_weights}; lower is better)", \
@@ -127,6 +129,17 @@ def tradeoff_figure(rows: list, etas: list, path: str, measure: str, note: str) 
     image.save(path)
 
 
+def save_pngs(images: torch.Tensor, folder: str) -> None:
+    """One PNG per image in [-1, 1] (000000.png, ...), the format FID tools read; this script's earlier
+    PNGs there go first, or a tool would count them."""
+    os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):
+        if re.fullmatch(r"\d{6}\.png", old):
+            os.remove(os.path.join(folder, old))
+    for i, image in enumerate(images.float().cpu() * 0.5 + 0.5):
+        save_image(image, os.path.join(folder, f"{i:06d}.png"))
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU: {torch.cuda.get_device_name(device)}"
@@ -141,9 +154,9 @@ def machine(device: torch.device) -> str:
 def main(args):
     device = ddpm.pick_device(args.device)
     # the network, loaded once (EMA weights); the checkpoint fixes dataset, schedule, T and architecture
-    model, ddpm_cfg, shape, state = ddpm.load_for_sampling(ddpm.Config(
+    model, ddpm_cfg, shape, _ = ddpm.load_for_sampling(ddpm.Config(
         ckpt=args.ckpt, batch_size=args.batch_size, precision=args.precision, device=args.device, var=args.var))
-    model = model.to(device)
+    model, trained_steps = model.to(device), ddpm.load_checkpoint(args.ckpt, ("step",))["step"]
     ddim_cfg = ddim.Config(**{k: getattr(ddpm_cfg, k) for k in ddim.ARCH_FIELDS}, batch_size=args.batch_size,
                            precision=args.precision, device=args.device, skip=args.skip, clip_x0=args.clip_x0)
     T = ddpm_cfg.timesteps
@@ -160,7 +173,7 @@ def main(args):
                              f"ddim-S{S}-eta{eta:g}", S,
                              lambda n, g, cfg=cfg: ddim.generate(model, cfg, n, shape, device, g)))
     measure_name, measure = quality_measure(ddpm_cfg.dataset, args)
-    print(f"{args.ckpt} (step {state['step']}, {ddpm_cfg.dataset}, {ddpm_cfg.schedule} schedule, T = {T}) | "
+    print(f"{args.ckpt} (step {trained_steps}, {ddpm_cfg.dataset}, {ddpm_cfg.schedule} schedule, T = {T}) | "
           f"{args.num_samples} images per setting, batch {args.batch_size}, seed {args.seed} | {device} | "
           f"{'bf16' if ddpm.use_bf16(ddpm_cfg, device) else 'fp32'}", flush=True)
 
@@ -174,14 +187,14 @@ def main(args):
         start = time.perf_counter()
         images = generate(args.num_samples, torch.Generator(device).manual_seed(args.seed)).float().cpu()
         seconds = time.perf_counter() - start  # .cpu() waits for the device: the clock is honest
-        ddpm.save_pngs(images, os.path.join(out, folder))
+        save_pngs(images, os.path.join(out, folder))
         firsts[folder] = images[:8]
         quality = f"{measure(images):.2f}" if measure else "n/a"
         rows[folder] = (label, steps, seconds, quality)
         print(f"  {folder}: {seconds:.1f} s, quality {quality}", flush=True)
     rows = [rows[folder] for _, folder, _, _ in settings]  # in table order: DDPM first
-    ddpm.save_grid(torch.cat([firsts[folder] for _, folder, _, _ in settings]), os.path.join(out, "comparison.png"),
-                   nrow=8)
+    save_image(torch.cat([firsts[folder] for _, folder, _, _ in settings]) * 0.5 + 0.5,
+               os.path.join(out, "comparison.png"), nrow=8)
 
     print(f"\ncommand: python benchmarks/ddim_vs_ddpm.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine(device)}; torch {torch.__version__}")

@@ -9,6 +9,7 @@
     # scipy is never a dependency; for the comparison install it in a scratch folder:
     pip install --target /tmp/scipy_scratch scipy && PYTHONPATH=/tmp/scipy_scratch python benchmarks/fid_speed.py
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -93,4 +94,6 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="It takes no options: run it as it is "
+                            "(--help only prints this).").parse_args()
     main()

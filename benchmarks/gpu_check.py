@@ -100,7 +100,7 @@ def bare_ddpm_overheads(args, device, bf16: bool, loop_img_s: float) -> tuple:
     measures them: the loop's time per step ÷ a bare forward + backward + Adam on a resident batch, and
     ddpm.sample()'s time per step ÷ one bare forward."""
     kw = TINY["ddpm"] if args.dry_run else {}
-    model = ddpm.UNet(3, 32, **{k: v for k, v in kw.items() if k != "timesteps"}).to(device)
+    model = ddpm.build_model(ddpm.Config(image_size=32, **kw), 3).to(device)  # the run's network (T: no weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     x, t = torch.randn(args.batch_size, 3, 32, 32, device=device), torch.randint(0, 1000, (args.batch_size,), device=device)
 

@@ -9,7 +9,7 @@
 
 usage:
   python benchmarks/speed.py                           # the paper's CIFAR-10 network (35.7M)
-  python benchmarks/speed.py --size mnist-cpu --batch-size 64 --precision bf16   # the CPU recipe's net
+  python benchmarks/speed.py --size mnist-cpu --batch-size 64 --precision bf16   # ddpm.py --recipe mnist-2400's
 
 Timings on a shared machine are noisy: each ratio's two sides are measured alternately, in the
 same run, several rounds, and the medians are compared.
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm  # noqa: E402
 
-SIZES = {  # name -> (image channels, image size, UNet keyword arguments)
+NETWORK = ("channels", "channel_mult", "num_res_blocks", "attn_res", "dropout")  # the Config fields of the U-Net
+SIZES = {  # name -> (image channels, image size, the U-Net's Config fields)
     "cifar10": (3, 32, {}),  # the paper's network, 35.7M parameters
     "mnist": (1, 28, {}),  # ddpm.py's default for 28x28 grey, 6.5M
-    "mnist-cpu": (1, 28, dict(channels=32, channel_mult="1,2,2", num_res_blocks=1, dropout=0.0)),  # README recipe
+    "mnist-cpu": (1, 28, {k: v for k, v in ddpm.RECIPES["mnist-2400"].items() if k in NETWORK}),  # mnist-2400: 1.11M
 }
 
 
@@ -75,7 +76,7 @@ def main():
 
     # --- the bare reference: forward + backward + Adam on a resident batch, and a bare forward ---
     torch.manual_seed(0)
-    model = ddpm.UNet(channels, size, **kwargs).to(device)
+    model = ddpm.build_model(ddpm.Config(image_size=size, **kwargs), channels).to(device)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     net = torch.compile(model) if args.compile else model  # shares the weights with `model`
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # the optimizer ddpm.train() uses
@@ -105,8 +106,8 @@ def main():
         ddpm.train(ddpm.Config(dataset=data, out=out, steps=2 * n, log_every=n, sample_every=10 ** 9,
                                ckpt_every=10 ** 9, batch_size=batch, timesteps=2, device=str(device),
                                precision=args.precision, compile=args.compile, **kwargs))
-        rows = open(os.path.join(out, "metrics.csv")).read().splitlines()
-        return batch / float(rows[2].split(",")[3])  # the second interval: after warm-up
+        rows = [row.split(",") for row in open(os.path.join(out, "metrics.csv")).read().splitlines()]
+        return batch / float(rows[2][rows[0].index("images_per_s")])  # the second interval: after warm-up
 
     # --- the sampler: ddpm.sample() over T steps vs T bare forwards ---
     T = 20

@@ -31,10 +31,19 @@ import dcgan  # noqa: E402
 import vae  # noqa: E402
 import vaegan  # noqa: E402
 
-RECIPES = {  # the networks of the MNIST CPU recipes (README.md)
-    "dcgan": (dcgan, dict(g_channels=64, d_channels=64, check_every=10 ** 9)),
-    "vae": (vae, dict(channels=16, likelihood="bernoulli")),
-    "vaegan": (vaegan, dict(channels=64, d_channels=64, d_dense=64, feature_sigma=5.0)),
+RUN_FIELDS = ("dataset", "steps", "device", "precision", "log_every", "sample_every", "ckpt_every", "check_every")
+
+
+def network_of(module) -> dict:
+    """The flags of the script's --recipe mnist that shape the network and its losses (not its run: the data,
+    the budget, the device, the precision and the schedule of logs, grids, checks and checkpoints)."""
+    return {k: v for k, v in module.RECIPES["mnist"].items() if k not in RUN_FIELDS}
+
+
+RECIPES = {  # the networks of the scripts' MNIST CPU recipes (--recipe mnist); dcgan: no check before the last step
+    "dcgan": (dcgan, dict(network_of(dcgan), check_every=10 ** 9, check_n=64)),
+    "vae": (vae, network_of(vae)),
+    "vaegan": (vaegan, network_of(vaegan)),
 }
 
 
@@ -62,9 +71,9 @@ def bare_step(name, cfg, device):
     x = torch.rand(cfg.batch_size, 1, 28, 28, device=device) * 2 - 1
     if name == "dcgan":
         G, D = (net.to(device) for net in m.build_model(cfg, 1))
-        adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+        adam = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True)  # dcgan.train()'s Adam
         opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
-        z = torch.randn(cfg.batch_size, cfg.latent, device=device)
+        z = torch.randn(cfg.batch_size, cfg.latent, 1, 1, device=device)  # (B, latent, 1, 1), as dcgan.train() draws z
 
         def step():
             with autocast():
@@ -97,7 +106,7 @@ def bare_step(name, cfg, device):
 
     def step():
         with autocast():
-            losses = m.vaegan_losses(model, x, eps, z_prior)
+            losses = m.vaegan_losses(model, x, eps, z_prior, cfg.feature_sigma)
         m.set_gradients(model, losses, cfg.gamma, cfg.adv_weight)
         optimizer.step()
     return step

@@ -89,3 +89,77 @@ def test_plot_metrics_draws_the_named_columns_and_names_a_missing_one(tmp_path):
     r = run_script("benchmarks/plot_metrics.py", str(tmp_path), "d_recon")
     assert r.returncode != 0 and "no column d_recon" in r.stderr and "d_real" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_speed_baselines_runs_each_scripts_loop_against_its_bare_step():
+    """One ratio per script, on the networks of the scripts' own --recipe mnist (the bare steps call the
+    scripts' losses with the recipes' flags: a renamed loss, flag or Config field fails here)."""
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import speed_baselines
+    import dcgan
+    import vae
+    import vaegan
+    for module in (dcgan, vae, vaegan):  # the recipe's network flags, none of its run flags
+        network = speed_baselines.network_of(module)
+        assert network and all(module.RECIPES["mnist"][k] == v for k, v in network.items())
+        assert not set(network) & {"steps", "device", "precision", "dataset"}
+    r = run_script("benchmarks/speed_baselines.py", "--batch-size", "4", "--steps", "1", "--rounds", "1",
+                   "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "training-loop overhead" in line]
+    assert [line.split()[0] for line in lines] == ["dcgan", "vae", "vaegan"], r.stdout
+    assert all(float(re.search(r"overhead ([\d.]+)", line)[1]) > 0 for line in lines)
+
+
+def test_speed_benchmark_builds_the_recipes_network():
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import speed
+    import ddpm
+    channels, size, network = speed.SIZES["mnist-cpu"]
+    model = ddpm.build_model(ddpm.Config(image_size=size, **network), channels)
+    assert network == {k: ddpm.RECIPES["mnist-2400"][k] for k in speed.NETWORK}
+    assert sum(p.numel() for p in model.parameters()) == 1_112_801  # docs/ddpm.md's 1.11M U-Net
+
+
+@pytest.fixture(scope="module")
+def conditional_mnist_ckpt(tmp_path_factory):
+    """A class-conditional ddpm.py run of 2 steps on real MNIST (a tiny U-Net, T = 10): its ckpt.pt."""
+    import ddpm
+    folder = tmp_path_factory.mktemp("cond")
+    ddpm.train(ddpm.Config(dataset="mnist", data_root=MNIST_ROOT, class_cond=True, out=str(folder), steps=2,
+                           channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="none", timesteps=10,
+                           device="cpu", batch_size=4, log_every=1, sample_every=100, warmup=1))
+    return str(folder / "ckpt.pt")
+
+
+def test_guidance_defaults_to_the_weights_it_was_asked_for():
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import guidance
+    assert guidance.parse_args(["--ckpt", "x"]).weights == [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 4]
+
+
+@needs_mnist
+def test_guidance_benchmark_prints_its_table_with_ink_and_grey_and_draws_its_figure(conditional_mnist_ckpt, tmp_path):
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import mnist_fid
+    from PIL import Image
+    r = run_script("benchmarks/guidance.py", "--ckpt", conditional_mnist_ckpt, "--weights", "0,1", "--num-samples",
+                   "20", "--batch-size", "10", "--sample-steps", "2", "--data-root", MNIST_ROOT, "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(step 2, T = 10)" in r.stdout and "S = 2" in r.stdout
+    lines = r.stdout.splitlines()
+    assert "| w | MNIST-FID | the asked digit seen | ink | grey | seconds |" in lines
+    rows = [line.strip("|").split("|") for line in lines if re.match(r"\| [\d.]+ \| ", line)]
+    assert [float(row[0]) for row in rows] == [0, 1], r.stdout
+    for row in rows:  # FID, then three percentages, then seconds
+        assert float(row[1]) >= 0 and all(0 <= float(c.strip().rstrip("%")) <= 100 for c in row[2:5]), row
+    real_ink, real_grey = mnist_fid.strokes(mnist_fid.mnist(MNIST_ROOT, train=False)[0] * 2 - 1)
+    assert f"the MNIST test set: {100 * real_ink:.1f}% and {100 * real_grey:.1f}%" in r.stdout
+    assert "guided ÷ unguided" in r.stdout
+    # one row per digit; 4 images per weight, side by side: 10 rows of 8 tiles of 28 px (2 px padding)
+    with Image.open(tmp_path / "guidance.png") as image:
+        assert image.size == (2 + 8 * 30, 2 + 10 * 30)

@@ -1,12 +1,15 @@
-"""benchmarks/compare.py: the stability measure against curves whose answer is known, and the smoke
-preset end to end (every script trained, sampled and scored; the table, the figures, resuming)."""
+"""benchmarks/compare.py: the stability measure and the training time against cases whose answer is known,
+the smoke preset end to end (every script trained, sampled and scored; the table, the figures, resuming),
+and the other presets' commands (cpu-mnist: the scripts' own recipes) parsed by their scripts."""
 import glob
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -59,16 +62,33 @@ def test_quality_relapse_is_measured_against_the_best_earlier_value():
     assert compare.stability(np.arange(40), flat, [100, 50, 40, 42])["verdict"] == "stable"  # 5% worse
 
 
-def test_grid_tiles_undo_save_grid():
-    sys.path.insert(0, ROOT)
-    import ddpm
-    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"grid_{os.getpid()}.png")
-    ddpm.save_grid(x, path)
-    tiles = compare.grid_tiles(path)
-    os.remove(path)
+@pytest.mark.parametrize("n", [64, 80])  # 80: a class-conditional DDPM's grid, 8 images of each of 10 classes
+def test_grid_tiles_undo_the_scripts_save_image(tmp_path, n):
+    from torchvision.utils import save_image
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    save_image(x * 0.5 + 0.5, tmp_path / "step_0000004.png")  # as the scripts save samples/step_N.png
+    tiles = compare.grid_tiles(str(tmp_path / "step_0000004.png"))
     expected = ((x * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # save_image's rounding
-    assert tiles.shape == (64, 1, 28, 28) and torch.equal(tiles, expected)
+    assert tiles.shape == (n, 1, 28, 28) and torch.equal(tiles, expected)
+
+
+def rows_of(*segments):
+    """metrics.csv rows: each segment a list of (step, elapsed_s), its clock started at its own start."""
+    return [{"step": str(step), "elapsed_s": str(elapsed)} for segment in segments for step, elapsed in segment]
+
+
+def test_training_time_adds_up_the_segments_of_a_resumed_run():
+    # 400 steps in 40 s, checkpoint at 400, killed at 600: the resumed script dropped the rows of 500 and 600
+    # (trained again) and restarted its clock at the checkpoint; 400 more steps took 41 s
+    rows = rows_of([(100, 10), (200, 20), (300, 30), (400, 40)], [(500, 11), (600, 21), (700, 31), (800, 41)])
+    assert compare.loop_seconds(rows) == 81 and compare.loop_seconds(rows, [400]) == 81
+    assert compare.loop_seconds(rows[:4]) == 40  # one segment: its last elapsed_s
+    # a short segment (resumed at 200, stopped at 300 by Ctrl-C with a checkpoint there, 5 s), then another
+    # resume whose first row came at 12 s: its clock never fell below the previous one's. The steps compare
+    # resumed from mark the segments; the clock alone would miss one
+    rows = rows_of([(100, 10), (200, 20)], [(300, 5)], [(400, 12)])
+    assert compare.loop_seconds(rows, [200, 300]) == 20 + 5 + 12
+    assert compare.loop_seconds(rows) == 20 + 12
 
 
 def test_no_preset_is_one_line_error():
@@ -132,14 +152,21 @@ def test_smoke_measures_what_the_scripts_left(smoke):
     stages = {os.path.basename(p): json.load(open(p)) for p in glob.glob(str(out / "stages" / "*.json"))}
     models = expected_models()
     assert len(stages) == sum(2 if m.source else 3 for m in models)
-    # parameters, counted independently: the smoke U-Net built from its flags
-    unet = ddpm.UNet(1, 28, channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="none", dropout=0)
+    # parameters, counted independently: the smoke U-Net built from the preset's own flags
+    flags = {m.key: m.train for m in models}
+    unet = ddpm.build_model(ddpm.dataclasses.replace(ddpm.parse_args(flags["ddpm"]), image_size=28), 1)
     assert stages["smoke.ddpm.train.json"]["parameters"] == {"model": sum(p.numel() for p in unet.parameters())}
     import dcgan  # and the GAN's two networks, without BatchNorm's running statistics
-    nets = dcgan.build_model(dcgan.Config(image_size=28, g_channels=8, d_channels=8), 1)
+    nets = dcgan.build_model(dcgan.dataclasses.replace(dcgan.parse_args(flags["dcgan"]), image_size=28), 1)
     assert stages["smoke.dcgan.train.json"]["parameters"] == {
         "generator": sum(p.numel() for p in nets[0].parameters()),
         "discriminator": sum(p.numel() for p in nets[1].parameters())}
+    # dcgan.py's own check (quality.csv: step,proxy), read back beside compare's ruler; the others keep none
+    checks = stages["smoke.dcgan.train.json"]["own_checks"]
+    assert checks["column"] == "proxy" and [s for s, _ in checks["rows"]] == [4, 8]
+    assert all(math.isfinite(v) for _, v in checks["rows"])
+    assert all(stages[f"smoke.{k}.train.json"]["own_checks"] == {} for k in ("ddpm", "vae", "vaegan"))
+    assert "the script's own check (quality.csv, proxy): best" in open(out / "results.md").read()
     for m in models:
         sample = stages[f"smoke.{m.key}.sample.json"]
         printed = re.search(r"\(([\d.]+) img/s", open(out / "logs" / f"{m.key}-sample.log").read())[1]
@@ -185,18 +212,95 @@ def test_a_rerun_skips_finished_stages_and_a_killed_training_resumes(smoke):
     assert table(out / "results.md")[1] == before  # the resumed run's metrics.csv tells the same story
 
 
+def test_a_training_killed_after_its_checkpoint_resumes_and_its_time_adds_up(smoke):
+    """A run killed after its checkpoint at step 4, having logged steps 5 and 6: compare resumes it, the
+    script drops those two rows and logs them again with its clock restarted, and the training time is the
+    two segments' clocks added up (the dropped rows' 3000 s would show)."""
+    out, _ = smoke
+    vae_model = next(m for m in compare.preset_models("smoke", str(out / "data" / "smoke.npy"), 16) if m.key == "vae")
+    run_dir = out / "runs" / "vae"
+    for path in glob.glob(str(out / "stages" / "smoke.vae.*")):
+        os.remove(path)
+    shutil.rmtree(run_dir)
+    killed = run_script("vae.py", *vae_model.train, "--steps", "4", "--out", str(run_dir))  # ckpt.pt at step 4
+    assert killed.returncode == 0, killed.stderr
+    header = open(run_dir / "metrics.csv").readline().strip().split(",")
+    with open(run_dir / "metrics.csv", "a") as f:  # what the killed run logged after its checkpoint
+        for step, elapsed in ((5, 1000.0), (6, 2000.0)):
+            f.write(",".join(str({"step": step, "elapsed_s": elapsed}.get(c, 1.0)) for c in header) + "\n")
+    again = run_script("benchmarks/compare.py", "--smoke", "--out", str(out), "--quiet", timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    commands = [line for line in again.stdout.splitlines() if line.startswith("compare: $ python")]
+    assert len(commands) == 2 and commands[0].startswith("compare: $ python vae.py --dataset") \
+        and commands[0].endswith("--resume") and "vae.py --sample" in commands[1], commands
+    rows = compare.read_metrics(str(run_dir))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))  # steps 5 and 6 logged once, by the resumed run
+    train = json.load(open(out / "stages" / "smoke.vae.train.json"))
+    assert train["resumed"] is True and train["resumed_at"] == [4] and train["steps"] == 8
+    assert train["train_s"] == pytest.approx(float(rows[3]["elapsed_s"]) + float(rows[7]["elapsed_s"]))
+    assert 0 < train["train_s"] < 1000
+    vae_row = next(r for r in table(out / "results.md")[1] if r["model"] == vae_model.label)
+    assert float(vae_row["training time (min)"]) == round(train["train_s"] / 60, 1)
+    assert any(line.strip().startswith("python vae.py --dataset") and line.endswith("# resumed with --resume")
+               for line in open(out / "results.md").read().splitlines())
+
+
 @pytest.mark.parametrize("preset", compare.PRESETS)
 def test_every_preset_command_is_accepted_by_its_script(preset):
-    """gpu-cifar10 cannot run here; its commands (and cpu-mnist's) at least parse, flag for flag."""
+    """cpu-mnist and gpu-cifar10 cannot run here: the very commands compare would run (train_command,
+    sample_command) parse in their scripts, flag for flag, with the data root, run folder and sample count
+    compare adds."""
     import importlib
     sys.path.insert(0, ROOT)
+    args = types.SimpleNamespace(data_root="/data", out="/out", preset=preset)
     for m in expected_models_of(preset):
         script = importlib.import_module(m.script.removesuffix(".py"))
+        run_dir = f"/out/runs/{m.key}"
         if m.train:
-            cfg = script.parse_args(m.train + ["--data-root", "data", "--out", "x"])
-            assert cfg.dataset in ("mnist", "cifar10", "x.npy") and not cfg.sample
-        cfg = script.parse_args(["--sample", "--ckpt", "x"] + m.sample + ["--out", "x"])
-        assert cfg.sample and cfg.num_samples == {"cpu-mnist": 2000, "gpu-cifar10": 50_000, "smoke": 16}[preset]
+            command = compare.train_command(m, run_dir, args)
+            assert command[1] == m.script
+            cfg = script.parse_args(command[2:])
+            assert not cfg.sample and cfg.data_root == "/data" and cfg.out == run_dir
+            assert cfg.dataset == {"cpu-mnist": "mnist", "gpu-cifar10": "cifar10", "smoke": "x.npy"}[preset]
+        command = compare.sample_command(m, f"/out/runs/{m.source or m.key}/{m.ckpt}", run_dir)
+        cfg = script.parse_args(command[2:])
+        assert cfg.sample and cfg.ckpt.endswith(m.ckpt) and cfg.out == run_dir
+        assert cfg.num_samples == {"cpu-mnist": 2000, "gpu-cifar10": 50_000, "smoke": 16}[preset]
+
+
+def test_cpu_mnist_trains_and_samples_with_the_scripts_recipes():
+    """cpu-mnist's training commands are `SCRIPT.py --recipe NAME` and what compare must add (--out,
+    --data-root; DDPM's --schedule), so a recipe changed in its script changes the preset with it; the
+    DDIM row samples with ddim.py's recipe, and the labels say what the recipes set."""
+    import ddim
+    import ddpm
+    import importlib
+    args = types.SimpleNamespace(data_root="/data", out="/out", preset="cpu-mnist")
+    models = {m.key: m for m in expected_models_of("cpu-mnist")}
+    recipes = {"ddpm-cosine": "mnist-2400", "ddpm-linear": "mnist-2400", "dcgan": "mnist", "vae": "mnist",
+               "vaegan": "mnist"}
+    assert set(models) == set(recipes) | {"ddim"}
+    for key, name in recipes.items():
+        m, script = models[key], importlib.import_module(models[key].script.removesuffix(".py"))
+        command = compare.train_command(m, f"/out/runs/{key}", args)
+        added = {"ddpm-cosine": ["--schedule", "cosine"], "ddpm-linear": ["--schedule", "linear"]}.get(key, [])
+        assert command[2:] == ["--recipe", name, *added, "--data-root", "/data", "--out", f"/out/runs/{key}"]
+        cfg = script.parse_args(command[2:])  # every flag of the recipe, but the schedule DDPM's rows choose
+        assert all(getattr(cfg, k) == v for k, v in script.RECIPES[name].items() if k != "schedule"), key
+        assert compare.shown(command) == " ".join(  # as results.md lists it
+            ["python", m.script, "--recipe", name, *added, "--data-root", "/data", "--out", f"/out/runs/{key}"])
+    for s in ("cosine", "linear"):  # DDPM: the recipe's sampler (T steps, bf16, batch 64), σ² = β̃
+        cfg = ddpm.parse_args(compare.sample_command(models[f"ddpm-{s}"], "c", "o")[2:])
+        assert cfg.recipe == "mnist-2400" and cfg.var == "beta_tilde" and cfg.precision == "bf16"
+        assert f"T = {ddpm.RECIPES['mnist-2400']['timesteps']}" in models[f"ddpm-{s}"].label
+    ddim_row = models["ddim"]  # the cosine checkpoint, sampled with ddim.py --recipe mnist-2400
+    command = compare.sample_command(ddim_row, "/out/runs/ddpm-cosine/ckpt.pt", "/out/runs/ddim")
+    assert ddim_row.source == "ddpm-cosine" and command[2:] == [
+        "--sample", "--ckpt", "/out/runs/ddpm-cosine/ckpt.pt", "--recipe", "mnist-2400", "--num-samples", "2000",
+        "--out", "/out/runs/ddim"]
+    cfg, recipe = ddim.parse_args(command[2:]), ddim.RECIPES["mnist-2400"]
+    assert all(getattr(cfg, k) == v for k, v in recipe.items())
+    assert f"{cfg.sample_steps} steps, η = {cfg.eta:g}, {cfg.skip} τ" in ddim_row.label and cfg.clip_x0
 
 
 def expected_models_of(preset):

@@ -1,10 +1,12 @@
-"""Tests for fid.py: CPU only, no network, about half a minute.
+"""Tests for fid.py: CPU only, no network, under a minute.
 
 The network tests use weights="random" (a seeded random Inception): its FID values are meaningless,
 but every step of the pipeline (preprocessing, features, statistics, distance, CLI) is the real one.
 Level 1 (math against references) needs no network at all and runs in a fraction of a second.
 """
+import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,9 +125,8 @@ def test_npz_round_trip_in_pytorch_fid_format(tmp_path):
     fid.save_stats(tmp_path / "s.npz", mu, sigma, n=123, backbone="test net")
     with np.load(tmp_path / "s.npz") as data:  # what pytorch-fid reads: f["mu"], f["sigma"]
         assert np.array_equal(data["mu"], mu) and np.array_equal(data["sigma"], sigma)
-    loaded_mu, loaded_sigma = fid.load_stats(tmp_path / "s.npz")
-    assert np.array_equal(loaded_mu, mu) and np.array_equal(loaded_sigma, sigma)
     stats = fid.read_stats(tmp_path / "s.npz")
+    assert np.array_equal(stats.mu, mu) and np.array_equal(stats.sigma, sigma) and stats.mu.dtype == np.float64
     assert (stats.n, stats.backbone) == (123, "test net")
     np.savez(tmp_path / "plain.npz", mu=mu, sigma=sigma)  # a TTUR / pytorch-fid file: no n, no backbone
     assert fid.read_stats(tmp_path / "plain.npz").n is None
@@ -143,8 +144,12 @@ def test_to_uint8_matches_save_image_png(tmp_path):
     assert torch.equal(fid.to_uint8(x)[0], from_png)
     channels_last = np.zeros((2, 5, 5, 3), dtype=np.uint8)  # numpy (N, H, W, C), as CIFAR-10's .data
     assert fid.to_uint8(channels_last).shape == (2, 3, 5, 5)
-    with pytest.raises(SystemExit, match=r"must be in \[-1, 1\]"):
+    with pytest.raises(SystemExit, match=r"must be uint8 pixels or floats in \[-1, 1\], got torch.float32 in \[-255"):
         fid.to_uint8(x * 255)
+    with pytest.raises(SystemExit, match=r"got torch.int64 in \[0, 255\]"):  # other integers are not guessed at
+        fid.to_uint8(torch.full((2, 3, 4, 4), 255, dtype=torch.int64).tril())
+    with pytest.raises(SystemExit, match=r"got torch.float32 in \[nan, nan\]"):
+        fid.to_uint8(torch.full((2, 3, 4, 4), float("nan")))
 
 
 @pytest.mark.parametrize("size", [16, 28, 32])
@@ -154,14 +159,17 @@ def test_prepare_resizes_and_scales(size, channels):
     # expected: [0, 1], grey repeated to RGB, pytorch-fid's bilinear resize, then 2x − 1
     x = images.float().div(255).repeat(1, 3 // channels, 1, 1)
     x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    fid_net = fid.InceptionFeatures(torch.nn.Identity(), fid_variant=True, description="")
-    prepared = fid_net.prepare(images)
+    prepared = fid.InceptionFeatures(torch.nn.Identity(), description="")(images)  # an identity "network"
     assert prepared.shape == (2, 3, 299, 299) and torch.equal(prepared, 2 * x - 1)
-    # torchvision path: ImageNet normalisation, which transform_input=True turns back into 2x − 1
+    # torchvision's documented route (ImageNet normalisation, undone by transform_input=True) feeds the
+    # same 2x − 1, so switching transform_input off and feeding 2x − 1 changes nothing but round-off
     from torchvision.models.inception import Inception3
     net = Inception3(aux_logits=False, transform_input=True, init_weights=False)
-    tv_net = fid.InceptionFeatures(net, fid_variant=False, description="")
-    assert torch.allclose(net._transform_input(tv_net.prepare(images)), 2 * x - 1, atol=1e-5)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's m and s
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(net._transform_input((x - mean) / std), 2 * x - 1, atol=1e-5)
+    fid.InceptionFeatures(net, description="")
+    assert not net.transform_input
 
 
 def test_fid_blocks_pool_like_tensorflow():
@@ -213,7 +221,7 @@ def test_pytorch_fid_weights_build_the_fid_variant(tmp_path, with_batch_counts):
     path = tmp_path / fid.FID_WEIGHTS_FILE
     torch.save(state, path)
     model = fid.load_inception(str(path), "cpu")
-    assert model.fid_variant and "FID Inception" in model.description
+    assert model.description == f"FID Inception v3 (TF/pytorch-fid variant), weights {fid.FID_WEIGHTS_FILE}"
     assert [type(getattr(model.inception, name)).__name__ for name in ("Mixed_5b", "Mixed_6e", "Mixed_7b", "Mixed_7c")] \
         == ["FIDInceptionA", "FIDInceptionC", "FIDInceptionE", "FIDInceptionE"]
     loaded = model.inception.state_dict()
@@ -223,7 +231,7 @@ def test_pytorch_fid_weights_build_the_fid_variant(tmp_path, with_batch_counts):
     renamed = dict(state)
     renamed["Mixed_7c.pool_branch.conv.weight"] = renamed.pop("Mixed_7c.branch_pool.conv.weight")
     torch.save(renamed, tmp_path / "renamed.pth")
-    with pytest.raises(SystemExit, match="is not an Inception v3 state dict"):
+    with pytest.raises(SystemExit, match="is not a torchvision or pytorch-fid Inception v3 state dict.*Missing key"):
         fid.load_inception(str(tmp_path / "renamed.pth"), "cpu")
 
 
@@ -231,8 +239,8 @@ def test_torchvision_weights_file_and_offline_message(tmp_path, monkeypatch):
     from torchvision.models import WeightsEnum, inception_v3
     torch.save(inception_v3(weights=None, init_weights=False).state_dict(), tmp_path / fid.TORCHVISION_WEIGHTS_FILE)
     model = fid.load_inception(str(tmp_path / fid.TORCHVISION_WEIGHTS_FILE), "cpu")
-    assert not model.fid_variant and model.inception.transform_input
-    with pytest.raises(SystemExit, match="weights file .* not found"):
+    assert model.description.startswith("torchvision Inception v3, weights") and not model.inception.transform_input
+    with pytest.raises(SystemExit, match="weights file .* is missing or empty"):
         fid.load_inception(str(tmp_path / "missing.pth"), "cpu")
 
     def offline(*args, **kwargs):
@@ -305,7 +313,7 @@ def test_dataset_reference_statistics_are_cached(tmp_path, monkeypatch):
     assert cache.is_file() and first.n == 3
     direct = fid.statistics(torch.from_numpy(images), weights="random")  # grey 28 px through the network
     assert np.allclose(first.sigma, direct.sigma, rtol=1e-9)
-    monkeypatch.setattr(fid, "load_dataset", lambda *args: pytest.fail("cache not used"))
+    monkeypatch.setattr(fid.torchvision.datasets, "MNIST", lambda *args, **kwargs: pytest.fail("cache not used"))
     again = fid.score(images[:, None].astype(np.float32) / 127.5 - 1, "mnist-train", weights="random",
                       data_root=str(tmp_path))
     assert again < 1e-6 * np.trace(first.sigma)
@@ -316,8 +324,11 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("no network")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(SystemExit, match=r"^fid: cannot load cifar10-train .*cifar-10-python\.tar\.gz"):
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(SystemExit, match=r"^fid: cannot load cifar10-train .*cifar-10-python\.tar\.gz in "):
         fid.compute_stats("cifar10-train", weights="random", data_root=str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^fid: cannot load fashion-mnist-train .*images-idx3.*/FashionMNIST/raw/"):
+        fid.compute_stats("fashion-mnist-train", weights="random", data_root=str(tmp_path))
 
 
 # ---------- Level 2: the command line, and the mistakes a user can make ----------
@@ -375,7 +386,7 @@ def test_bad_inputs_raise_one_clear_line(tmp_path, case):
     source = {"bad npz": tmp_path / "bad.npz", "unknown source": "imagenet-train"}.get(case, folder)
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     expected = {"one image": "at least 2", "unreadable file": "cannot read image", "bad npz": "cannot read statistics",
-                "mixed sizes": "one size", "unknown source": "is not a folder"}[case]
+                "mixed sizes": "resize them", "unknown source": "is not a folder"}[case]
     with pytest.raises(SystemExit) as error:
         fid.main(fid.parse_args([str(source), str(folder), "--weights", "random"]))
     message = str(error.value.code)
@@ -384,50 +395,53 @@ def test_bad_inputs_raise_one_clear_line(tmp_path, case):
 
 # ---------- .npy files: the training scripts' pixel rule; the mistakes a user can make ----------
 def npy_cases(tmp_path):
-    """The same 4 grey 16x16 images saved as uint8, int64, floats in [0, 1] and floats in [-1, 1]."""
+    """The same 4 grey 16x16 images saved as uint8 and as floats in [0, 1] (float64 and float32)."""
     pixels = np.random.default_rng(5).integers(0, 256, (4, 16, 16), dtype=np.uint8)
-    cases = {"uint8": pixels, "int64": pixels.astype(np.int64), "unit": pixels / 255.0,
-             "signed": pixels.astype(np.float32) / 127.5 - 1}
+    cases = {"uint8": pixels, "unit64": pixels / 255.0, "unit32": (pixels / 255.0).astype(np.float32)}
     for name, array in cases.items():
         np.save(tmp_path / f"{name}.npy", array)
     return pixels, {name: tmp_path / f"{name}.npy" for name in cases}
 
 
 def test_npy_files_are_read_by_the_scripts_rule(tmp_path):
-    """fid.py and the scripts' get_data read a .npy file as the same pixels: integers are 0..255, floats
-    [0, 1], or [-1, 1] if any value is negative (a float [0, 1] file used to become 128..255 here)."""
-    sys.path.insert(0, str(ROOT))
-    import dcgan
+    """A .npy holds uint8 pixels, or floats in [0, 1] that become round(255·x): the rule of the training
+    scripts' get_data, so both see the same pixels. Anything else is one line naming what was found
+    (floats in [-1, 1], once read as [-1, 1] here, are now refused like the rest)."""
     pixels, paths = npy_cases(tmp_path)
     for name, path in paths.items():
         assert torch.equal(fid.read_npy(path)[:, 0], torch.from_numpy(pixels)), name
-        scripts_view = dcgan.get_data(dcgan.Config(dataset=str(path)))[0]  # (N, 1, H, W) in [-1, 1]
-        assert torch.equal(fid.to_uint8(scripts_view), fid.read_npy(path)), name  # the tensor --fid hands over
-    np.save(tmp_path / "f255.npy", pixels.astype(np.float64))
-    with pytest.raises(SystemExit, match=r"\[0, 1\] or \[-1, 1\]"):
-        fid.read_npy(tmp_path / "f255.npy")
+    assert fid.read_npy(paths["uint8"]).shape == (4, 1, 16, 16)
+    refused = {"signed": (pixels / 127.5 - 1, r"got float64 in \[-1, 1\]"),
+               "f255": (pixels.astype(np.float64), r"got float64 in \[0, 255\]"),
+               "nan": (np.full((2, 4, 4), np.nan), "got float64 in"),
+               "int64": (pixels.astype(np.int64), "got int64$")}
+    for name, (array, words) in refused.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        with pytest.raises(SystemExit) as error:
+            fid.read_npy(tmp_path / f"{name}.npy")
+        message = str(error.value.code)
+        assert message.startswith(f"fid: {tmp_path / name}.npy: a .npy must hold uint8 pixels or floats in [0, 1]")
+        assert re.search(words, message) and "\n" not in message, message
 
 
 def test_a_float_npy_dataset_against_itself_scores_zero(tmp_path):
-    """The path of `dcgan.py --dataset images.npy --fid N`: the training images, as get_data gives them,
-    against the .npy file itself as the reference. The same images must give FID ≈ 0."""
-    sys.path.insert(0, str(ROOT))
-    import dcgan
-    _, paths = npy_cases(tmp_path)
-    cfg = dcgan.Config(dataset=str(paths["unit"]), fid_weights="random", device="cpu", data_root=str(tmp_path))
-    images = dcgan.get_data(cfg)[0]
-    value = dcgan.run_fid(cfg, images, str(tmp_path), step=0)
-    reference, misread = fid.statistics(str(paths["unit"]), weights="random"), fid.statistics(images * 0.5 + 0.5,
-                                                                                             weights="random")
+    """The path of `dcgan.py --dataset images.npy --fid N`: the training images as get_data hands them
+    over (uint8 / 127.5 − 1, floats in [-1, 1]) against the .npy file itself as the reference: FID ≈ 0."""
+    pixels, paths = npy_cases(tmp_path)
+    as_get_data_gives_them = torch.from_numpy(pixels)[:, None].float() / 127.5 - 1
+    reference = fid.statistics(str(paths["unit32"]), weights="random")
+    handed_over = fid.statistics(as_get_data_gives_them, weights="random")
+    value = fid.frechet_distance(reference.mu, reference.sigma, handed_over.mu, handed_over.sigma)
+    misread = fid.statistics(as_get_data_gives_them * 0.5 + 0.5, weights="random")  # [0, 1] taken as [-1, 1]
     assert 0 <= value < 1e-6 * np.trace(reference.sigma), value
-    # the old misreading (a [0, 1] file taken as [-1, 1]: pixels 128..255) is far from it: ‖Δμ‖², a lower
-    # bound on its FID, is already far above the round-off level that `value` stays under
+    # the misreading (pixels 128..255) is far from it: ‖Δμ‖², a lower bound on its FID, is far above
+    # the round-off level that `value` stays under
     assert np.sum((misread.mu - reference.mu) ** 2) > 1e-3 * np.trace(reference.sigma)
 
 
-@pytest.mark.parametrize("case", ["junk npy", "object npy", "text npy", "empty weights", "junk weights",
-                                  "tensor weights", "cuda"])
-def test_bad_files_and_devices_are_one_line(tmp_path, case):
+@pytest.mark.parametrize("case", ["junk npy", "object npy", "text npy", "empty weights", "missing weights",
+                                  "junk weights", "tensor weights", "cuda"])
+def test_bad_files_and_devices_are_one_line(tmp_path, case, monkeypatch):
     np.save(tmp_path / "objects.npy", np.array([{}, None], dtype=object), allow_pickle=True)
     np.save(tmp_path / "text.npy", np.array(["a", "b"]))
     (tmp_path / "junk.npy").write_bytes(b"junk")
@@ -435,28 +449,64 @@ def test_bad_files_and_devices_are_one_line(tmp_path, case):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     folder = make_pngs(tmp_path / "images", 2, 16, "RGB")
-    args, expected = {"junk npy": (["junk.npy", folder], "cannot read"), "object npy": (["objects.npy", folder], "cannot read"),
-                      "text npy": (["text.npy", folder], "cannot read <U1"),
-                      "empty weights": ([folder, folder, "--weights", "empty.pth"], "empty (0 bytes)"),
-                      "junk weights": ([folder, folder, "--weights", "junk.pth"], "not an Inception v3 state dict"),
-                      "tensor weights": ([folder, folder, "--weights", "tensor.pth"], "not an Inception v3 state dict"),
+    not_weights = "not a torchvision or pytorch-fid Inception v3 state dict"
+    args, expected = {"junk npy": (["junk.npy", folder], "cannot read junk.npy"),
+                      "object npy": (["objects.npy", folder], "cannot read objects.npy"),
+                      "text npy": (["text.npy", folder], "got <U1"),
+                      "empty weights": ([folder, folder, "--weights", "empty.pth"], "is missing or empty"),
+                      "missing weights": ([folder, folder, "--weights", "nope.pth"], "is missing or empty"),
+                      "junk weights": ([folder, folder, "--weights", "junk.pth"], not_weights),
+                      "tensor weights": ([folder, folder, "--weights", "tensor.pth"], not_weights),
                       "cuda": ([folder, folder, "--device", "cuda"], "--device cuda is not available")}[case]
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        with pytest.raises(SystemExit) as error:
-            fid.main(fid.parse_args([str(a) for a in args]))
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as error:
+        fid.main(fid.parse_args([str(a) for a in args]))
     message = str(error.value.code)
     assert message.startswith("fid: ") and "\n" not in message and expected in message, message
+    if "weights" in case:
+        assert fid.FID_WEIGHTS_FILE in message or not_weights in message  # where to get the right file
 
 
-def test_feature_extraction_prints_progress_that_ends_at_100_percent(image_sets, capsys, monkeypatch):
-    monkeypatch.setattr(fid.Progress, "EVERY", 0)  # PROGRESS_EVERY=0: a line per batch
+@pytest.mark.parametrize("case", ["full disk", "missing folder", "folder as target"])
+def test_save_stats_problems_are_one_line_and_leave_no_partial_file(tmp_path, case, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez("a.npz", mu=np.zeros(4), sigma=np.eye(4))  # source A: statistics, so no network is needed
+    target = {"full disk": "out.npz", "missing folder": "missing/out.npz", "folder as target": "out.npz"}[case]
+    if case == "full disk":
+        def full_disk(file, **arrays):  # the first bytes land, then the disk is full
+            Path(file).write_bytes(b"PK\x03\x04 half an npz")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(fid.np, "savez", full_disk)
+    else:  # checked before any statistics are computed, not after an hour of feature extraction
+        monkeypatch.setattr(fid, "statistics", lambda *args, **kwargs: pytest.fail("checked too late"))
+    if case == "folder as target":
+        Path("out.npz").mkdir()
+    with pytest.raises(SystemExit) as error:
+        fid.main(fid.parse_args(["a.npz", "--save-stats", target]))
+    message = str(error.value.code)
+    expected = {"full disk": "fid: cannot write statistics to out.npz: No space left on device",
+                "missing folder": "fid: --save-stats missing/out.npz: there is no folder missing",
+                "folder as target": "fid: --save-stats out.npz: that is a folder"}[case]
+    assert message == expected
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == (["a.npz", "out.npz"] if case == "folder as target" else ["a.npz"]), left  # nothing half-written
+    if case == "full disk":  # the library path too: the dataset cache, written by statistics()
+        with pytest.raises(SystemExit, match="No space left on device"):
+            fid.save_stats(tmp_path / "fid_stats" / "mnist-train-random.npz", np.zeros(4), np.eye(4), 3, "net")
+        assert not list((tmp_path / "fid_stats").iterdir())
+
+
+def test_save_stats_library_call_onto_a_folder_is_one_line(tmp_path):
+    (tmp_path / "s.npz").mkdir()
+    with pytest.raises(SystemExit, match=r"^fid: cannot write statistics to .*s\.npz: Is a directory$"):
+        fid.save_stats(tmp_path / "s.npz", np.zeros(4), np.eye(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"] and not list((tmp_path / "s.npz").iterdir())
+
+
+def test_feature_extraction_prints_progress(image_sets, capsys, monkeypatch):
+    monkeypatch.setattr(fid, "PROGRESS_BATCHES", 1)  # a line per batch
     fid.statistics(image_sets[0.1], weights="random", batch_size=3)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" img")[0].split(": ")[1] for line in lines] == ["3/4", "4/4"], lines
-    assert lines[0].startswith("Inception features") and "(100%)" in lines[-1] and "done in" in lines[-1]
+    assert lines == ["Inception features: 3/4 images", "Inception features: 4/4 images"], lines

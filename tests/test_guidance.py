@@ -56,8 +56,9 @@ def test_unconditional_batches_are_unchanged_by_the_feature():
 
 
 def test_unconditional_unet_is_unchanged_and_conditional_adds_one_embedding():
-    plain = ddpm.UNet(1, 16, channels=16, channel_mult="1,2", num_res_blocks=1)
-    cond = ddpm.UNet(1, 16, channels=16, channel_mult="1,2", num_res_blocks=1, num_classes=10)
+    plain = ddpm.build_model(ddpm.Config(image_size=16, channels=16, channel_mult="1,2", num_res_blocks=1), 1)
+    cond = ddpm.build_model(ddpm.Config(image_size=16, channels=16, channel_mult="1,2", num_res_blocks=1,
+                                        class_cond=True, num_classes=10), 1)
     extra = set(cond.state_dict()) - set(plain.state_dict())
     assert extra == {"label_emb.weight"} and cond.state_dict()["label_emb.weight"].shape == (11, 64)
     assert "label_emb" not in "".join(plain.state_dict())  # old checkpoints keep loading

@@ -29,12 +29,16 @@ def test_every_shared_block_is_identical_in_every_copy():
             assert body == first, f"shared block '{name}' differs between {first_script} and {script}"
 
 
-def test_ddpm_defines_the_blocks_others_copy():
-    assert {"argparse", "data", "unet", "diffusion", "plumbing", "train", "sample_mode"} <= set(
-        name for name, copies in blocks().items() if "ddpm.py" in copies)
+def test_every_training_script_shares_the_flags_the_data_and_the_plumbing():
+    found = blocks()
+    for name in ("flags", "data", "plumbing"):
+        assert set(found[name]) == {"ddpm.py", "ddim.py", "dcgan.py", "vae.py", "vaegan.py"}, name
 
 
-def test_ddim_shares_network_schedule_data_and_training_with_ddpm():
-    if os.path.exists(os.path.join(ROOT, "ddim.py")):
-        for name in ("unet", "diffusion", "data", "train"):
-            assert {"ddpm.py", "ddim.py"} <= set(blocks()[name]), name
+def test_ddim_shares_network_schedule_training_and_sampling_plumbing_with_ddpm_and_only_they_have_torchrun():
+    found = blocks()
+    for name in ("unet", "diffusion", "generate", "train", "torchrun", "sample_mode"):
+        assert set(found[name]) == {"ddpm.py", "ddim.py"}, name
+    for script in ("dcgan.py", "vae.py", "vaegan.py", "fid.py"):  # no torchrun code where torchrun never runs
+        text = open(os.path.join(ROOT, script), encoding="utf-8").read()
+        assert not re.search(r"\b(RANK|WORLD_SIZE|torch\.distributed|DistributedDataParallel)\b", text), script
