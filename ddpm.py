@@ -16,13 +16,18 @@ Times, scores and more commands (torchrun, --visualize, FID): README.md and docs
 Sections: 1. Config  2. Data  3. Model (U-Net)  4. Objective (schedules, q(x_t|x_0), the loss)
           5. Sampler (Algorithm 2, guidance)  6. Train (Algorithm 1, then the plumbing it calls)  7. Main
 
+Code that other scripts share sits between `# >>> shared: NAME` markers, kept identical by a test. "One line":
+a bad flag, file or checkpoint stops the script with a one-line message naming it, never a traceback.
+
 Where we depart from the paper (and why)
   - For T != 1000 the linear schedule's ends scale by 1000/T (as in Nichol & Dhariwal's code), so that
-    ᾱ_T stays 2-4e-5 for T >= 100: sampling starts from pure noise, as training ended.
+    ᾱ_T stays 2-4e-5 for 100 <= T <= 1000: sampling starts from pure noise, as training ended.
   - The EMA decay warms up as min(decay, (1 + step)/(10 + step)), as most diffusion code does: short CPU
     runs sample from averaged weights, not from the random init. From step ~10^5 on it is 0.9999.
   - Batches are drawn with replacement instead of in shuffled epochs: the same in expectation, one line
     of code, and the same numbers on any number of GPUs.
+  - Narrow networks (the CPU recipes) keep >= 4 channels in each of GroupNorm's groups (the paper: 32 groups);
+    on CUDA, --precision auto trains in bf16 (the paper: TPU float32).
 """
 import argparse
 import copy
@@ -62,16 +67,16 @@ class Config:
     var: str = "beta"  # sampling variance σ_t²: beta (β_t, the paper's CIFAR-10 choice) | beta_tilde (β̃_t)
     clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] while sampling (as the paper's code does)
     # --- model (0 or "": the size for the image size, from UNET_SIZES) ---
-    channels: int = 0  # base width of the U-Net, even (0: 128 at 32 px, as in the paper; 64 below)
-    channel_mult: str = ""  # width multiplier per resolution ("": 1,2,2,2 at 32 px, as in the paper; 1,2,2 below)
+    channels: int = 0  # base width of the U-Net, even (0: 128, as in the paper; 64 at 28 and 16 px)
+    channel_mult: str = ""  # width multiplier per resolution ("": 1,2,2,2, as in the paper; 1,2,2 at 28 and 16 px)
     num_res_blocks: int = 2  # residual blocks per resolution (paper: 2)
-    attn_res: str = ""  # resolutions with self-attention, e.g. 16 or 14,7 ("": half the image size; none)
+    attn_res: str = ""  # resolutions with self-attention, e.g. 16 or 14,7 ("": half the image size; none: only mid)
     dropout: float = 0.1  # dropout in the residual blocks (paper: 0.1 on CIFAR-10)
     # --- class-conditional model and classifier-free guidance (Ho & Salimans 2022) ---
     class_cond: bool = False  # condition ε_θ on the image's class: "draw me a 7"
     num_classes: int = 0  # with --class-cond: the number of classes (0: the largest label + 1)
     p_uncond: float = 0.1  # with --class-cond: how often a label is replaced by the null label ∅ (paper: 0.1-0.2)
-    guidance: float = 0.5  # guidance weight w: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: none (why 0.5: docs/ddpm.md)
+    guidance: float = 0.3  # guidance weight w: ε̃ = (1 + w)·ε_θ(x, y) − w·ε_θ(x, ∅); 0: none (why 0.3: docs/ddpm.md)
     label: int = -1  # sampling a class-conditional model: only this class (-1: every class in turn)
     # --- optimisation ---
     steps: int = 800_000  # training steps (paper: 800k)
@@ -96,7 +101,7 @@ class Config:
     # --- generation ---
     sample: bool = False  # do not train: write --num-samples PNGs from --ckpt's averaged (EMA) weights
     num_samples: int = 64  # images that --sample writes
-    fid: int = 0  # after training or --sample: the FID of this many samples against the training set (fid.py)
+    fid: int = 0  # with --sample: the FID of this many samples against the training set (fid.py)
     fid_weights: str = ""  # Inception weights for --fid ("": torchvision's; pytorch-fid's file for paper numbers)
     visualize: bool = False  # write forward.png (and with --ckpt reverse.png, reverse.gif): the processes step by step
 
@@ -372,7 +377,7 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     """β_1..β_T as a float64 tensor of shape [T] (index i holds β_{i+1}: steps are 0-based in code)."""
     if schedule == "linear":
         # Ho et al.: β rises linearly from 1e-4 to 0.02 over T = 1000 steps; for other T both ends
-        # scale by 1000/T, so that ᾱ_T, the signal left at the end, stays 2-4e-5 for T >= 100
+        # scale by 1000/T, so that ᾱ_T, the signal left at the end, stays 2-4e-5 for 100 <= T <= 1000
         # (the top end 20/T would pass 1 for T < 20: the cap at 0.999, as for cosine, keeps β < 1).
         scale = 1000 / timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -522,7 +527,7 @@ def generate(model, cfg: Config, n: int, shape, device, generator, labels=None, 
 
 
 def save_grid(ema, cfg: Config, shape, device, path: str) -> float:
-    """A sample grid: 64 images (8 of each class, for a class-conditional model) from the same noise every
+    """A sample grid: 64 images (a row of 8 per class, for a class-conditional model) from the same noise every
     time, so that the grids of a run show its progress. Returns the seconds it took (they are not training)."""
     start = time.time()
     images = generate(ema, cfg, 64, shape, device, torch.Generator(device).manual_seed(cfg.seed),
@@ -837,9 +842,9 @@ def sample_mode(cfg: Config) -> None:
     for i, image in enumerate(images * 0.5 + 0.5):  # 000000.png, … (000000_class3.png with labels)
         save_image(image, os.path.join(out, "generated", f"{i:06d}" + (f"_class{labels[i]}" if cfg.class_cond
                                                                         else "") + ".png"))
-    rows = [images[labels == k][:8] for k in range(cfg.num_classes)] if cfg.class_cond and cfg.label < 0 else []
-    save_image(torch.cat(rows) if rows else images[:64], os.path.join(out, "generated_grid.png"),  # a row per class
-               nrow=len(rows[0]) if rows else 8, normalize=True, value_range=(-1, 1))
+    per = min(8, n // cfg.num_classes) if cfg.class_cond and cfg.label < 0 else 0  # the grid: a row per class
+    grid = torch.cat([images[labels == k][:per] for k in range(cfg.num_classes)]) if per else images[:64]
+    save_image(grid, os.path.join(out, "generated_grid.png"), nrow=per or 8, normalize=True, value_range=(-1, 1))
     print(f"{n} images in {seconds:.1f} s ({n / seconds:.2f} img/s, batch {cfg.batch_size}) -> {out}/generated/")
     if cfg.fid:
         run_fid(cfg, images[:cfg.fid])
@@ -857,8 +862,9 @@ def visualize(cfg: Config) -> None:
     alpha_bar = torch.cumprod(1 - make_betas(cfg.schedule, cfg.timesteps), 0)
     save_image(q_sample(x0.expand(10, -1, -1, -1), t, torch.randn(10, *x0.shape[1:]), alpha_bar) * 0.5 + 0.5,
                os.path.join(out, "forward.png"), nrow=10)
+    print(f"wrote {out}/forward.png: x_t at the 0-based steps t = {t.tolist()} (t = 0 is the paper's x_1)")
     if model is None:
-        return print(f"wrote {out}/forward.png: x_t at t = {t.tolist()}")
+        return
     chain = []  # (x_t, predicted x_0) at every network call of the sampler, from noise to image
     labels = sample_labels(cfg, 1)  # a class-conditional model draws --label (or class 0)
     eps_model = model.to(device) if labels is None else guided(model.to(device), labels.to(device), cfg.guidance)
@@ -866,10 +872,12 @@ def visualize(cfg: Config) -> None:
                 on_step=lambda t, x, x0_pred: chain.append(torch.cat([x, x0_pred]).float().cpu() * 0.5 + 0.5))
     strip = [chain[i] for i in torch.linspace(0, len(chain) - 1, 10).round().long().unique()]
     save_image(torch.stack(strip, 1).flatten(0, 1), os.path.join(out, "reverse.png"), nrow=len(strip))
-    frames = [torchvision.transforms.functional.to_pil_image(torchvision.utils.make_grid(x.clamp(0, 1))).resize(
-        (4 * (2 * shape[2] + 6), 4 * (shape[1] + 4)), 0) for x in chain[::max(1, len(chain) // 50)] + chain[-1:] * 12]
+    film = chain[::max(1, len(chain) // 50)] + chain[-1:] * 12  # about 50 frames, then the end held for a second
+    frames = [torchvision.transforms.functional.to_pil_image(torchvision.utils.make_grid(x.clamp(0, 1)))
+              for x in film]  # each frame: x_t beside the predicted x_0
+    frames = [frame.resize((4 * frame.width, 4 * frame.height), resample=0) for frame in frames]  # 4x, nearest
     frames[0].save(os.path.join(out, "reverse.gif"), save_all=True, append_images=frames[1:], duration=80, loop=0)
-    print(f"wrote {out}/forward.png, reverse.png and reverse.gif: x_t (top, left) and the predicted x_0")
+    print(f"wrote {out}/reverse.png and reverse.gif: x_t (top, left) and the predicted x_0 along the chain")
 # <<< shared: sample_mode
 
 
