@@ -21,8 +21,9 @@ Sections: 1. Config  2. Data (+ the test split)  3. Model (encoder, decoder, dis
 Where we depart from the paper and its code (why, and the measurements: docs/vaegan.md)
   - The decoder's adversarial term is non-saturating, as in dcgan.py; the terms of L_GAN weigh 1 : 1 : 1, as in
     Algorithm 1 (the code: 0.5 : 0.25 : 0.25); no update is skipped (the code gates them); Adam, not RMSProp.
-  - What goes through D together is the authors' code's (model/aegan.py): x and x̃ as one batch for Dis_l, and
-    x, x̃, x_p as one for L_GAN. D's BatchNorm comes before Dis_l: only so are x and x̃ normalised alike.
+  - Dis_l of x and x̃ from ONE batch through D, as in the authors' code (model/aegan.py): D's BatchNorm comes before
+    Dis_l, and only so are x and x̃ normalised alike. D's logits of x, x̃ and x_p from three batches, as DCGAN
+    trains D: the code's one joined batch let D win outright on MNIST (MNIST-FID 358; docs/vaegan.md).
   - σ of L_llike is a flag (--feature-sigma; the paper's: 1): features read before BatchNorm have no set scale.
 """
 import argparse
@@ -300,8 +301,8 @@ def vaegan_losses(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tens
     # As in the authors' code, Dis_l of x and x̃ as ONE batch, normalised alike, so that Dis_l(x) − Dis_l(x̃) is
     # their difference (apart, each is centred on its own mean: a channel-wise offset of x̃ would vanish) ...
     features_real, features_recon = model.discriminator.body(torch.cat([x, x_recon])).float().split(B)
-    # ... and D's logits of x, x̃ and x_p as ONE batch, so that each is judged against the others
-    real, recon, prior = model.discriminator(torch.cat([x, x_recon, x_prior])).float().flatten().split(B)  # logits
+    # ... but D's logits of x, x̃ and x_p each from its own batch, as DCGAN trains D (header: why)
+    real, recon, prior = (model.discriminator(v).float().flatten() for v in (x, x_recon, x_prior))  # logits
     d_real, d_recon, d_prior = torch.stack([real, recon, prior]).detach().sigmoid().mean(1)  # D = σ(ℓ), for the log
     # with D = σ(ℓ):  −log D = softplus(−ℓ)  and  −log(1 − D) = softplus(ℓ)   (softplus(a) = log(1 + eᵃ))
     return {  # L_prior = KL(q(z|x) ‖ N(0, I)), the VAE's regulariser:  −½ Σ_j (1 + log σ_j² − μ_j² − σ_j²)

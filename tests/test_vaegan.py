@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import vaegan
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 
 TINY = ["--channels", "4", "--d-channels", "4", "--latent", "3", "--device", "cpu", "--batch-size", "8"]
 NETWORKS = ("encoder", "decoder", "discriminator")
@@ -34,8 +34,9 @@ def tiny_batch(seed=0, size=16, channels=1, n=6, latent=3):
 # --------------------------------------------------------------------------------------------
 def test_every_loss_term_on_a_fixed_batch():
     """Recompute L_prior (torch.distributions' KL), L_llike and both GAN losses from the networks' parts, in
-    float64, sending through D what the authors' code sends: x and x̃ as one batch for Dis_l, and x, x̃ and x_p
-    as one batch for the logits. D has BatchNorm (in training mode here): other batches give other numbers."""
+    float64, sending through D what the script sends: x and x̃ as one batch for Dis_l (the authors' code), and
+    x, x̃ and x_p each as its own batch for the logits (DCGAN's way). D has BatchNorm (in training mode here):
+    other batches give other numbers."""
     model, x, eps, z_p = tiny_batch()
     model.train()
     losses = vaegan.vaegan_losses(model, x, eps, z_p)
@@ -44,9 +45,10 @@ def test_every_loss_term_on_a_fixed_batch():
         z = mu + (0.5 * logvar).exp() * eps
         x_recon, x_prior = model.decoder(torch.cat([z, z_p])).split(len(x))  # BatchNorm: one batch, as in training
         f_real, f_recon = model.discriminator.body(torch.cat([x, x_recon])).split(len(x))
-        l_real, l_recon, l_prior = model.discriminator(torch.cat([x, x_recon, x_prior])).flatten().split(len(x))
-        alone = model.discriminator.body(x)
-    assert (alone - f_real).abs().max() > 1e-3  # (Dis_l(x) depends on its batch: the batching is tested here)
+        l_real, l_recon, l_prior = (model.discriminator(v).flatten() for v in (x, x_recon, x_prior))
+        alone, joined = model.discriminator.body(x), model.discriminator(torch.cat([x, x_recon, x_prior])).flatten()
+    assert (alone - f_real).abs().max() > 1e-3  # (Dis_l(x) depends on its batch: the batching is tested here,
+    assert (joined[:len(x)] - l_real).abs().max() > 1e-3  # and so do the logits)
     q = torch.distributions.Normal(mu.double(), (0.5 * logvar.double()).exp())
     kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1).mean()
     # L_llike = −log N(Dis_l(x) | Dis_l(x̃), I) without its constant ½·D·log 2π
@@ -225,7 +227,7 @@ def test_bad_image_size_is_one_clear_line():
 # --------------------------------------------------------------------------------------------
 def test_tiny_run_leaves_its_files_then_samples_and_reconstructs(tmp_path, tiny_npy):
     out = str(tmp_path / "run")
-    r = run_script("vaegan.py", "--dataset", tiny_npy, "--out", out, "--steps", "4", "--log-every", "2",
+    r = run_in_process("vaegan.py", "--dataset", tiny_npy, "--out", out, "--steps", "4", "--log-every", "2",
                    "--sample-every", "2", "--ckpt-every", "2", *TINY)
     assert r.returncode == 0, r.stderr
     assert "step       4/4" in r.stdout and "img/s" in r.stdout and "44 images + 4 to test" in r.stdout
@@ -242,14 +244,14 @@ def test_tiny_run_leaves_its_files_then_samples_and_reconstructs(tmp_path, tiny_
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert state["step"] == 4 and state["script"] == "vaegan" and {"model", "optimizer", "rng_cpu"} <= set(state)
 
-    r = run_script("vaegan.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--num-samples", "5",
+    r = run_in_process("vaegan.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--num-samples", "5",
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stdout
     assert sorted(os.listdir(os.path.join(out, "generated"))) == [f"{i:06d}.png" for i in range(5)]
     from PIL import Image
     assert Image.open(os.path.join(out, "generated", "000000.png")).size == (16, 16)
-    r = run_script("vaegan.py", "--sample", "--reconstruct", "--ckpt", os.path.join(out, "ckpt.pt"),
+    r = run_in_process("vaegan.py", "--sample", "--reconstruct", "--ckpt", os.path.join(out, "ckpt.pt"),
                    "--num-samples", "3", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(os.path.join(out, "reconstructed"))) == [f"{i:06d}.png" for i in range(3)]
