@@ -1,5 +1,9 @@
 """Shared test helpers. Every test runs on the CPU without network access."""
+import contextlib
+import importlib
+import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,6 +29,27 @@ def run_script(*args, timeout=300):
     """Run a script of the repository as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_in_process(script, *args):
+    """The same, in the test's process (an interpreter start costs seconds): main(parse_args(args)) of the
+    script's module, with what it prints as stdout and its sys.exit message as stderr."""
+    module, printed, code, message = importlib.import_module(script.removesuffix(".py")), io.StringIO(), 0, ""
+    with contextlib.redirect_stdout(printed):
+        try:
+            module.main(module.parse_args([str(a) for a in args]))
+        except SystemExit as e:
+            code, message = (1, e.code) if isinstance(e.code, str) else (e.code or 0, "")
+    return subprocess.CompletedProcess([script, *args], code, printed.getvalue(), message)
+
+
+@pytest.fixture(autouse=True)
+def own_signal_handlers():
+    """A training in-process installs its Ctrl-C and SIGTERM handlers in pytest's process: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def assert_one_line_error(result, *words):

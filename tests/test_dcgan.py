@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import dcgan
 import fid
-from conftest import run_script
+from conftest import run_in_process
 
 TINY = ["--g-channels", "8", "--d-channels", "8", "--batch-size", "8", "--check-n", "16", "--device", "cpu"]
 
@@ -256,7 +256,7 @@ def test_proxy_is_fixed_and_ranks_degradations():
 # --------------------------------------------------------------------------------------------
 def test_tiny_run_leaves_ckpt_best_grids_and_metrics_then_samples(tmp_path, tiny_npy, capsys):
     out = str(tmp_path / "run")
-    r = run_script("dcgan.py", "--dataset", tiny_npy, "--out", out, "--steps", "4", "--log-every", "2",
+    r = run_in_process("dcgan.py", "--dataset", tiny_npy, "--out", out, "--steps", "4", "--log-every", "2",
                    "--sample-every", "2", "--ckpt-every", "2", "--check-every", "2", *TINY)
     assert r.returncode == 0, r.stderr
     assert "step       4/4" in r.stdout and "d_fake" in r.stdout and "img/s" in r.stdout

@@ -11,7 +11,7 @@ import torch
 
 import ddim
 import ddpm
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import ddim_vs_ddpm  # noqa: E402
@@ -264,7 +264,7 @@ def test_ddpm_checkpoint_loads_and_sample_mode_writes_pngs(ddpm_ckpt, tmp_path):
     assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
     out = str(tmp_path / "sampled")
-    r = run_script("ddim.py", "--sample", "--ckpt", ddpm_ckpt, "--sample-steps", "5", "--eta", "0",
+    r = run_in_process("ddim.py", "--sample", "--ckpt", ddpm_ckpt, "--sample-steps", "5", "--eta", "0",
                    "--num-samples", "5", "--device", "cpu", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stdout
@@ -289,7 +289,7 @@ def test_invert_and_interpolate_modes(ddpm_ckpt, tmp_path, capsys):
 
 def test_ddim_trains_on_its_own(tmp_path, tiny_npy):
     out = str(tmp_path / "run")
-    r = run_script("ddim.py", "--dataset", tiny_npy, "--out", out, "--steps", "2", "--sample-every", "2",
+    r = run_in_process("ddim.py", "--dataset", tiny_npy, "--out", out, "--steps", "2", "--sample-every", "2",
                    "--log-every", "1", "--sample-steps", "4", *TINY)
     assert r.returncode == 0, r.stderr
     for f in ("config.json", "ckpt.pt", "metrics.csv", "samples/step_0000002.png"):
@@ -314,7 +314,7 @@ def test_bad_flags_give_one_clear_line(args, words, tiny_npy, capsys):
 
 
 def test_bad_sample_steps_for_a_checkpoint_is_one_line(ddpm_ckpt):
-    assert_one_line_error(run_script("ddim.py", "--sample", "--ckpt", ddpm_ckpt, "--device", "cpu"),
+    assert_one_line_error(run_in_process("ddim.py", "--sample", "--ckpt", ddpm_ckpt, "--device", "cpu"),
                           "--sample-steps 50", "T = 10")
 
 

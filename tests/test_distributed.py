@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ddpm
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 
 TINY = ["--channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "none",
         "--timesteps", "10", "--device", "cpu", "--batch-size", "8", "--dropout", "0", "--lr", "1e-3",
@@ -101,7 +101,7 @@ def test_compile_is_a_switch():
     (["--compile", "yes"], ["yes"]),
 ])
 def test_bad_precision_and_compile_values_give_one_clear_line(args, words):
-    assert_one_line_error(run_script("ddpm.py", *args), *words)
+    assert_one_line_error(run_in_process("ddpm.py", *args), *words)
 
 
 def test_bf16_run_trains_and_logs(tmp_path, tiny_npy):

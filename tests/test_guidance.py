@@ -11,7 +11,7 @@ import torch
 
 import ddim
 import ddpm
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process
 
 TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "none",
         "--timesteps", "10", "--device", "cpu", "--batch-size", "6", "--dropout", "0"]
@@ -140,7 +140,7 @@ def test_exact_gaussian_classes_are_returned_at_w_zero_and_pushed_apart_by_guida
 def test_class_conditional_run_samples_a_chosen_class_and_one_row_per_class(tmp_path, labelled):
     images, labels = labelled
     out = str(tmp_path / "run")
-    r = run_script("ddpm.py", "--dataset", images, "--labels", labels, "--class-cond", "--out", out,
+    r = run_in_process("ddpm.py", "--dataset", images, "--labels", labels, "--class-cond", "--out", out,
                    "--steps", "2", "--sample-every", "2", *TINY)
     assert r.returncode == 0, r.stderr
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -148,25 +148,25 @@ def test_class_conditional_run_samples_a_chosen_class_and_one_row_per_class(tmp_
     from PIL import Image
     assert Image.open(os.path.join(out, "samples", "step_0000002.png")).height == 3 * (16 + 2) + 2  # a row a class
     ckpt = os.path.join(out, "ckpt.pt")
-    r = run_script("ddpm.py", "--sample", "--ckpt", ckpt, "--num-samples", "4", "--label", "1", "--device", "cpu")
+    r = run_in_process("ddpm.py", "--sample", "--ckpt", ckpt, "--num-samples", "4", "--label", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(os.path.join(out, "generated"))) == [f"{i:06d}_class1.png" for i in range(4)]
-    r = run_script("ddim.py", "--sample", "--ckpt", ckpt, "--num-samples", "6", "--sample-steps", "3",
+    r = run_in_process("ddim.py", "--sample", "--ckpt", ckpt, "--num-samples", "6", "--sample-steps", "3",
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr  # ddim.py writes beside, not over, ddpm.py's samples
     assert sorted(os.listdir(os.path.join(out, "ddim-samples", "generated"))) == \
         [f"{i:06d}_class{i % 3}.png" for i in range(6)]
     assert len(os.listdir(os.path.join(out, "generated"))) == 4
-    assert_one_line_error(run_script("ddpm.py", "--sample", "--ckpt", ckpt, "--label", "3", "--device", "cpu"),
+    assert_one_line_error(run_in_process("ddpm.py", "--sample", "--ckpt", ckpt, "--label", "3", "--device", "cpu"),
                           "--label 3", "0..2")
 
 
 def test_label_on_an_unconditional_checkpoint_is_one_line(tmp_path, tiny_npy):
     out = str(tmp_path / "run")
-    assert run_script("ddpm.py", "--dataset", tiny_npy, "--out", out, "--steps", "1", *TINY).returncode == 0
-    assert_one_line_error(run_script("ddpm.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"),
+    assert run_in_process("ddpm.py", "--dataset", tiny_npy, "--out", out, "--steps", "1", *TINY).returncode == 0
+    assert_one_line_error(run_in_process("ddpm.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"),
                                      "--label", "1", "--device", "cpu"), "--label", "not class-conditional")
-    assert_one_line_error(run_script("ddpm.py", "--dataset", tiny_npy, "--class-cond", "--out", str(tmp_path / "b"),
+    assert_one_line_error(run_in_process("ddpm.py", "--dataset", tiny_npy, "--class-cond", "--out", str(tmp_path / "b"),
                                      "--steps", "1", *TINY), "--class-cond needs labels", "--labels")
 
 

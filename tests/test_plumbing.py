@@ -129,15 +129,6 @@ def after_log_line(monkeypatch, name, action):
     monkeypatch.setattr(M[name], "log_line", wrapped)
 
 
-@pytest.fixture(autouse=True)
-def own_signal_handlers():
-    """A training in-process installs its Ctrl-C and SIGTERM handlers in pytest's process: put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One thread, as the subprocesses get (OMP_NUM_THREADS=1): their weights then equal in-process ones."""

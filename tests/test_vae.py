@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vae
-from conftest import MNIST_ROOT, assert_one_line_error, needs_mnist, run_script
+from conftest import MNIST_ROOT, assert_one_line_error, needs_mnist, run_in_process, run_script
 
 TINY = ["--channels", "8", "--latent", "4", "--device", "cpu", "--batch-size", "8"]
 
@@ -204,7 +204,7 @@ def test_decoder_mean_reconstructions_and_interpolation_rows():
 # --------------------------------------------------------------------------------------------
 def test_tiny_run_leaves_its_files_then_samples_and_reconstructs(tmp_path, tiny_npy):
     out = str(tmp_path / "run")
-    r = run_script("vae.py", "--dataset", tiny_npy, "--out", out, "--steps", "4", "--log-every", "2",
+    r = run_in_process("vae.py", "--dataset", tiny_npy, "--out", out, "--steps", "4", "--log-every", "2",
                    "--sample-every", "2", "--ckpt-every", "2", *TINY)
     assert r.returncode == 0, r.stderr
     assert "step       4/4" in r.stdout and "img/s" in r.stdout and "test −ELBO" in r.stdout
@@ -221,14 +221,14 @@ def test_tiny_run_leaves_its_files_then_samples_and_reconstructs(tmp_path, tiny_
     from PIL import Image
     assert Image.open(os.path.join(out, "interpolation.png")).size == (2 + 10 * 18, 2 + 4 * 18)  # 4 test images
 
-    r = run_script("vae.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--num-samples", "5",
+    r = run_in_process("vae.py", "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--num-samples", "5",
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stdout
     assert sorted(os.listdir(os.path.join(out, "generated"))) == [f"{i:06d}.png" for i in range(5)]
     assert Image.open(os.path.join(out, "generated", "000000.png")).size == (16, 16)
     assert os.path.isfile(os.path.join(out, "generated_grid.png"))
-    r = run_script("vae.py", "--sample", "--reconstruct", "--ckpt", os.path.join(out, "ckpt.pt"),
+    r = run_in_process("vae.py", "--sample", "--reconstruct", "--ckpt", os.path.join(out, "ckpt.pt"),
                    "--num-samples", "50", "--device", "cpu")  # more than the test split holds: all 4 of it
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(os.path.join(out, "reconstructed"))) == [f"{i:06d}.png" for i in range(4)]
@@ -238,6 +238,7 @@ def test_tiny_run_leaves_its_files_then_samples_and_reconstructs(tmp_path, tiny_
 def test_fid_flag_scores_prior_samples(tmp_path, tiny_npy, capsys):
     """--sample --fid N: N prior samples scored by fid.py against the training set (a random Inception:
     offline, the number meaningless, its path through the script the same)."""
+    np.save(tiny_npy, np.load(tiny_npy)[:8])  # a small reference set: Inception is slow on a CPU
     vae.train(vae.Config(dataset=tiny_npy, out=str(tmp_path / "run"), steps=1, channels=8, latent=4, device="cpu"))
     vae.main(vae.parse_args(["--sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--num-samples", "2", "--fid",
                              "4", "--fid-weights", "random", "--device", "cpu", "--data-root", str(tmp_path)]))
