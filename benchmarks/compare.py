@@ -5,7 +5,7 @@ sample grids, DDPM samples over training), made by a script anyone can rerun. Ea
 script runs as a subprocess, exactly the command a user would type (the scripts never import each
 other); this file only times them, reads what they leave behind and scores their samples.
 
-    python benchmarks/compare.py --preset cpu-mnist      # the scripts' MNIST recipes: 90.7 min, 2 cores
+    python benchmarks/compare.py --preset cpu-mnist      # the scripts' MNIST recipes: about 68 min, 2 cores
     python benchmarks/compare.py --preset gpu-cifar10 --fid-weights pt_inception-2015-12-05-6726825d.pth
     python benchmarks/compare.py --smoke                 # the same code path on tiny budgets: < 1 min
 
