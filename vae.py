@@ -573,6 +573,8 @@ def sample_mode(cfg: Config) -> None:
     cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, getattr(Config, k)) for k in ARCH_FIELDS})
     # the encoder's first convolution (the first 4-d weight) reads the images: its input channels are theirs
     model = build_model(cfg, next(w for w in state["model"].values() if w.dim() == 4).shape[1]).eval().to(device)
+    if {k: v.shape for k, v in state["model"].items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        sys.exit(f"{PROG}: {cfg.ckpt} holds other networks than {PROG}.py builds (e.g. vaegan's --arch v1)")
     model.load_state_dict(state["model"])  # (the previous version's checkpoints too: the same keys)
     out, n, start = cfg.out or os.path.dirname(os.path.abspath(cfg.ckpt)), max(cfg.num_samples, cfg.fid), time.time()
     if cfg.reconstruct:  # the test split as training reads it (the same --data-root): at most all of it

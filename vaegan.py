@@ -21,9 +21,8 @@ Sections: 1. Config  2. Data (+ the test split)  3. Model (encoder, decoder, dis
 Where we depart from the paper and its code (why, and the measurements: docs/vaegan.md)
   - The decoder's adversarial term is non-saturating, as in dcgan.py; the terms of L_GAN weigh 1 : 1 : 1, as in
     Algorithm 1 (the code: 0.5 : 0.25 : 0.25); no update is skipped (the code gates them); Adam, not RMSProp.
-  - Dis_l of x and x̃ from ONE batch through D, as in the authors' code (model/aegan.py): D's BatchNorm comes before
-    Dis_l, and only so are x and x̃ normalised alike. D's logits of x, x̃ and x_p from three batches, as DCGAN
-    trains D: the code's one joined batch let D win outright on MNIST (MNIST-FID 358; docs/vaegan.md).
+  - Dis_l of x and x̃ from ONE batch (model/aegan.py): D's BatchNorm precedes Dis_l, so only then do they compare
+    alike. D's logits from three batches, as DCGAN trains D: one joined batch let D win (MNIST-FID 358, docs/).
   - σ of L_llike is a flag (--feature-sigma; the paper's: 1): features read before BatchNorm have no set scale.
 """
 import argparse
@@ -297,9 +296,8 @@ def vaegan_losses(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tens
     mu, logvar = model.encoder(x).float().chunk(2, dim=1)  # (B, latent) each
     z = mu + torch.exp(0.5 * logvar) * eps  # z ~ q(z|x), reparameterised: differentiable in μ and σ
     x_recon, x_prior = model.decoder(torch.cat([z, z_prior])).split(B)  # x̃ = Dec(z), x_p = Dec(z_p), one pass
-    # D's BatchNorm normalises each image with its batch's statistics: what goes through D together matters.
-    # As in the authors' code, Dis_l of x and x̃ as ONE batch, normalised alike, so that Dis_l(x) − Dis_l(x̃) is
-    # their difference (apart, each is centred on its own mean: a channel-wise offset of x̃ would vanish) ...
+    # D's BatchNorm normalises with its batch's statistics: Dis_l of x and x̃ as ONE batch (the authors' code),
+    # else a channel-wise offset of x̃ from x would vanish from Dis_l(x) − Dis_l(x̃) ...
     features_real, features_recon = model.discriminator.body(torch.cat([x, x_recon])).float().split(B)
     # ... but D's logits of x, x̃ and x_p each from its own batch, as DCGAN trains D (header: why)
     real, recon, prior = (model.discriminator(v).float().flatten() for v in (x, x_recon, x_prior))  # logits
@@ -575,6 +573,8 @@ def sample_mode(cfg: Config) -> None:
     cfg = dataclasses.replace(cfg, **{k: state["config"].get(k, getattr(Config, k)) for k in ARCH_FIELDS})
     # the encoder's first convolution (the first 4-d weight) reads the images: its input channels are theirs
     model = build_model(cfg, next(w for w in state["model"].values() if w.dim() == 4).shape[1]).eval().to(device)
+    if {k: v.shape for k, v in state["model"].items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        sys.exit(f"{PROG}: {cfg.ckpt} holds other networks than {PROG}.py builds (e.g. vaegan's --arch v1)")
     model.load_state_dict(state["model"])  # (the previous version's checkpoints too: the same keys)
     out, n, start = cfg.out or os.path.dirname(os.path.abspath(cfg.ckpt)), max(cfg.num_samples, cfg.fid), time.time()
     if cfg.reconstruct:  # the test split as training reads it (the same --data-root): at most all of it

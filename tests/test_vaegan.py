@@ -318,6 +318,9 @@ def test_a_checkpoint_of_the_previous_version_still_samples(tmp_path):
     first = torch.tensor(np.asarray(Image.open(tmp_path / "generated" / "000000.png")), dtype=torch.float)
     expected = (vaegan.decode(model.eval(), vaegan.Config(), z, torch.device("cpu"))[0] * 0.5 + 0.5) * 255
     assert torch.allclose(first, expected.permute(1, 2, 0), atol=1)
+    state["decoder.net.0.weight"] = state["decoder.net.0.weight"][:, :2]  # other networks (as --arch v1's were)
+    torch.save(dict(model=state, config=OLD_CONFIG, script="vaegan"), tmp_path / "v1.pt")
+    assert_one_line_error(run_in_process("vaegan.py", "--sample", "--ckpt", tmp_path / "v1.pt"), "other networks")
 
 
 @pytest.mark.parametrize("args,words", [
