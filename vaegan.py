@@ -299,7 +299,7 @@ def vaegan_losses(model, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tens
     # D's BatchNorm normalises with its batch's statistics: Dis_l of x and x̃ as ONE batch (the authors' code),
     # else a channel-wise offset of x̃ from x would vanish from Dis_l(x) − Dis_l(x̃) ...
     features_real, features_recon = model.discriminator.body(torch.cat([x, x_recon])).float().split(B)
-    # ... but D's logits of x, x̃ and x_p each from its own batch, as DCGAN trains D (header: why)
+    # ... but D's logits from one batch of each kind, as DCGAN trains D (header: why): x and x̃ pass D twice
     real, recon, prior = (model.discriminator(v).float().flatten() for v in (x, x_recon, x_prior))  # logits
     d_real, d_recon, d_prior = torch.stack([real, recon, prior]).detach().sigmoid().mean(1)  # D = σ(ℓ), for the log
     # with D = σ(ℓ):  −log D = softplus(−ℓ)  and  −log(1 − D) = softplus(ℓ)   (softplus(a) = log(1 + eᵃ))
